@@ -1,0 +1,39 @@
+"""REPA projection loss (after the projector): the official per-sample loop vs the vectorised
+reference, forward + backward. Memory-bound: it reads z and z̃ once (2·B·T·Z elements)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench_utils import DEVICE, DTYPE, ON_GPU, timed
+from repa_fast.transport import projection_loss
+
+B, T, Z = (32, 256, 768) if ON_GPU else (8, 64, 96)
+
+
+def official_loop(zs, zs_tilde):
+    """The official loss.py: normalise and average sample by sample in Python."""
+    total = 0.0
+    for z, z_tilde in zip(zs, zs_tilde):
+        for z_j, z_tilde_j in zip(z, z_tilde):
+            total = total + (-(F.normalize(z_j, dim=-1) * F.normalize(z_tilde_j, dim=-1))
+                             .sum(dim=-1)).mean()
+    return total / (len(zs) * zs[0].shape[0])
+
+
+@pytest.mark.parametrize("impl", ["official_loop", "vectorised", "compiled"])
+def test_projection_loss_fwd_bwd(benchmark, impl):
+    if impl == "compiled" and not ON_GPU:
+        pytest.skip("torch.compile of the reference is benchmarked on GPU only (CPU compile "
+                    "takes longer than the suite should)")
+    fn = {"official_loop": official_loop, "vectorised": projection_loss,
+          "compiled": torch.compile(projection_loss)}[impl]
+    z = torch.randn(B, T, Z, device=DEVICE, dtype=DTYPE)
+    z_tilde = torch.randn(B, T, Z, device=DEVICE, dtype=DTYPE, requires_grad=True)
+
+    def step():
+        loss = fn([z], [z_tilde])
+        loss.backward()
+        return loss
+
+    timed(benchmark, step)
+    benchmark.extra_info["gbytes_min"] = 3 * B * T * Z * z.element_size() / 1e9
