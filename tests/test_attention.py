@@ -1,4 +1,5 @@
 """Attention backend dispatch: equality of the CPU backends, forced/auto selection, reasons."""
+import re
 import subprocess
 import sys
 
@@ -96,3 +97,17 @@ def test_every_available_backend_on_gpu(seed, name):
     assert (out.double() - ref).norm() / ref.norm() < 1e-2
     ref_sdpa = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
     assert torch.allclose(out, ref_sdpa.transpose(1, 2), atol=2e-2)
+
+
+@pytest.mark.parametrize("name, dtype, head_dim, match", [
+    ("flash2", torch.float32, 72, "needs float16 or bfloat16 inputs, got torch.float32"),
+    ("flash3", torch.bfloat16, 260, "head_dim a multiple of 8 and <= 256, got 260"),
+    ("flash2", torch.float16, 36, "head_dim a multiple of 8 and <= 256, got 36"),
+    ("flash4", torch.bfloat16, 72, r"supports head_dim in \(64, 96, 128\), got 72"),
+    ("flash2", torch.bfloat16, 72, "needs a CUDA tensor, got device cpu"),
+])
+def test_flash_support_rules(name, dtype, head_dim, match):
+    # The device/dtype/head-dim rules themselves, independent of what is installed here.
+    device = torch.device("cpu") if "device cpu" in match else torch.device("cuda")
+    reason = A.backends.REGISTRY[name].call_problem(device, dtype, head_dim)
+    assert reason is not None and re.search(match, reason)

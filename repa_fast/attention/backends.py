@@ -3,16 +3,14 @@
 Every backend computes ``softmax(q kᵀ / sqrt(d)) v`` over tokens, on inputs laid out as
 ``[batch, tokens, heads, head_dim]`` (the layout flash-attn and xformers use natively).
 
-========== ====================================================== ==========================
-name       implementation                                          where it runs
-========== ====================================================== ==========================
-flash3     ``flash_attn_interface.flash_attn_func`` (FA3)          CUDA sm90, fp16/bf16
-flash4     ``flash_attn.cute.flash_attn_func`` (flash-attn-4)      CUDA sm90/sm100, fp16/bf16
-flash2     ``flash_attn.flash_attn_func`` (FA2)                    CUDA sm80+, fp16/bf16
-xformers   ``xformers.ops.memory_efficient_attention``             CUDA
-sdpa       ``torch.nn.functional.scaled_dot_product_attention``    everywhere (default)
-math       explicit ``softmax(q kᵀ * scale) v`` (official ``fused_attn=False``)  everywhere
-========== ====================================================== ==========================
+* ``flash3``: ``flash_attn_interface.flash_attn_func`` (FlashAttention-3); CUDA sm90, fp16/bf16.
+* ``flash4``: ``flash_attn.cute.flash_attn_func`` (flash-attn-4); CUDA sm90-sm103, fp16/bf16,
+  head_dim 64/96/128 (so not SiT-XL's 72).
+* ``flash2``: ``flash_attn.flash_attn_func`` (FlashAttention-2); CUDA sm80+, fp16/bf16.
+* ``xformers``: ``xformers.ops.memory_efficient_attention``; CUDA.
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``; everywhere (the default).
+* ``math``: explicit ``softmax(q·scale kᵀ) v``, the official ``fused_attn=False`` path;
+  everywhere.
 
 ``auto`` takes the first backend of :data:`AUTO_ORDER` that supports the call (device, dtype,
 head dim); SDPA always does. A backend forced by name that cannot serve a call raises a
@@ -50,12 +48,17 @@ def _cuda_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def _flash_problem(min_cc: tuple[int, int], max_cc: Optional[tuple[int, int]], label: str):
+def _flash_problem(min_cc: tuple[int, int], max_cc: Optional[tuple[int, int]], label: str,
+                   head_dims: Optional[tuple[int, ...]] = None):
+    """Problem check of a FlashAttention build: CUDA, fp16/bf16, compute capability in range,
+    and head dims (any multiple of 8 up to 256, or exactly ``head_dims`` when given)."""
     def problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
         if device.type != "cuda":
             return f"{label} needs a CUDA tensor, got device {device}"
         if dtype not in _HALF:
             return f"{label} needs float16 or bfloat16 inputs, got {dtype}"
+        if head_dims is not None and head_dim not in head_dims:
+            return f"{label} supports head_dim in {head_dims}, got {head_dim}"
         if head_dim % 8 != 0 or head_dim > 256:
             return f"{label} needs head_dim a multiple of 8 and <= 256, got {head_dim}"
         cc = _cuda_capability(device)
@@ -80,8 +83,9 @@ def _anywhere(device: torch.device, dtype: torch.dtype, head_dim: int) -> Option
 def _load_flash2() -> Callable:
     import flash_attn
 
-    if not flash_attn.__version__.startswith("2."):
-        raise ImportError(f"flash_attn {flash_attn.__version__} is not FlashAttention-2")
+    version = getattr(flash_attn, "__version__", "unknown")  # flash-attn-4 alone ships no version
+    if not version.startswith("2."):
+        raise ImportError(f"flash_attn {version} is not FlashAttention-2")
     from flash_attn import flash_attn_func
 
     return flash_attn_func
@@ -112,7 +116,8 @@ def _load_torch() -> Callable:
 REGISTRY: dict[str, Backend] = {
     "flash3": Backend("flash3", _load_flash3, _flash_problem((9, 0), (9, 0), "FlashAttention-3"),
                       "build flash-attention's hopper/ package (flash_attn_interface)"),
-    "flash4": Backend("flash4", _load_flash4, _flash_problem((9, 0), (10, 3), "FlashAttention-4"),
+    "flash4": Backend("flash4", _load_flash4, _flash_problem((9, 0), (10, 3), "FlashAttention-4",
+                                                     head_dims=(64, 96, 128)),
                       "pip install 'repa_fast[flash4]'"),
     "flash2": Backend("flash2", _load_flash2, _flash_problem((8, 0), None, "FlashAttention-2"),
                       "pip install 'repa_fast[flash]'"),

@@ -218,7 +218,7 @@ class SiT(nn.Module):
         # validate_inputs is False (the trainer checks labels at the data loader instead).
         if self.validate_inputs and not torch.compiler.is_compiling() and n > 0:
             top = self.y_embedder.embedding_table.num_embeddings - 1
-            lo, hi = int(y.min()), int(y.max())
+            lo, hi = (int(v) for v in torch.aminmax(y))
             if lo < 0 or hi > top:
                 null = " (the last one is the CFG null class)" if top == self.num_classes else ""
                 raise ValueError(f"y must hold labels in [0, {top}]{null}; got values in "
