@@ -1,9 +1,13 @@
 """Fused ops of repa_fast and their backend registry.
 
-The REPA alignment loss has a pure-PyTorch reference,
-:func:`repa_fast.transport.projection_loss`, which runs everywhere. Accelerated backends
-register here with a function saying why they cannot run.
+``repa_alignment_loss`` is the REPA alignment op (projector MLP + patch-token pooling + cosine
+loss); ``REPAProjector`` is the projector module that calls it. Backends register in
+:mod:`repa_fast.ops.backends` with a function saying why they cannot run; the pure-PyTorch
+``reference`` runs everywhere.
 """
+from .alignment import REPAProjector, repa_alignment_loss
+from .alignment_reference import repa_alignment_loss_reference
 from .backends import ENV_VAR, describe_backends
 
-__all__ = ["ENV_VAR", "describe_backends"]
+__all__ = ["ENV_VAR", "REPAProjector", "describe_backends", "repa_alignment_loss",
+           "repa_alignment_loss_reference"]

@@ -1,0 +1,79 @@
+"""``repa_alignment_loss``: the REPA alignment op with backend dispatch, and ``REPAProjector``."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .alignment_reference import project, repa_alignment_loss_reference
+from .backends import ENV_VAR, REGISTRY
+
+CHOICES = ("auto",) + tuple(REGISTRY)
+# name -> implementation; every one computes repa_alignment_loss_reference's function.
+IMPLEMENTATIONS = {"reference": repa_alignment_loss_reference}
+
+
+def requested_backend(explicit: Optional[str] = None) -> str:
+    name = explicit if explicit is not None else (os.environ.get(ENV_VAR) or "auto")
+    if name not in CHOICES:
+        argument = "backend" if explicit is not None else ENV_VAR
+        raise ValueError(f"{argument} must be one of {', '.join(CHOICES)}; got {name!r}")
+    return name
+
+
+def repa_alignment_loss(hidden: torch.Tensor, target: torch.Tensor,
+                        w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                        w3: torch.Tensor, b3: torch.Tensor, *, hidden_grid: Optional[int] = None,
+                        target_grid: Optional[int] = None, target_prefix_tokens: int = 0,
+                        backend: Optional[str] = None) -> torch.Tensor:
+    """REPA alignment loss of SiT tokens ``hidden`` [B, T, D] against encoder tokens ``target``
+    [B, T', Z] through the projector ``(w1, b1, w2, b2, w3, b3)`` (``nn.Linear`` layout).
+
+    ``target_prefix_tokens`` leading target tokens (CLS, registers) are skipped; grids that
+    differ by an integer factor per side are average-pooled to the coarser one. Returns a
+    float32 scalar, differentiable in ``hidden``, the weights, and ``target`` if it requires
+    grad. See :mod:`repa_fast.ops.alignment_reference` for the formula. ``backend`` (or
+    ``$REPA_FAST_OPS_BACKEND``) picks the implementation; ``auto`` takes the fastest usable.
+    """
+    name = requested_backend(backend)
+    if name == "auto":
+        name = next(n for n, problem in REGISTRY.items() if problem() is None)
+    else:
+        reason = REGISTRY[name]()
+        if reason is not None:
+            raise ValueError(f"alignment-op backend {name!r} was forced but cannot run: {reason}")
+    return IMPLEMENTATIONS[name](hidden, target, w1, b1, w2, b2, w3, b3,
+                                 hidden_grid=hidden_grid, target_grid=target_grid,
+                                 target_prefix_tokens=target_prefix_tokens)
+
+
+class REPAProjector(nn.Sequential):
+    """The REPA projector ``Linear(D, P) - SiLU - Linear(P, P) - SiLU - Linear(P, Z)``.
+
+    An ``nn.Sequential`` so the state-dict keys are the official ``build_mlp``'s (``0.*``,
+    ``2.*``, ``4.*``); ``forward(h)`` returns the projected tokens as the official projector,
+    and :meth:`alignment_loss` computes the alignment loss from hidden states directly.
+    """
+
+    def __init__(self, hidden_size: int, projector_dim: int, z_dim: int):
+        super().__init__(
+            nn.Linear(hidden_size, projector_dim),
+            nn.SiLU(),
+            nn.Linear(projector_dim, projector_dim),
+            nn.SiLU(),
+            nn.Linear(projector_dim, z_dim),
+        )
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        """``(w1, b1, w2, b2, w3, b3)``."""
+        return (self[0].weight, self[0].bias, self[2].weight, self[2].bias,
+                self[4].weight, self[4].bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return project(hidden, *self.weights())
+
+    def alignment_loss(self, hidden: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``repa_alignment_loss(hidden, target, *self.weights(), **kwargs)``."""
+        return repa_alignment_loss(hidden, target, *self.weights(), **kwargs)
