@@ -19,12 +19,13 @@ head dim); SDPA always does. A backend forced by name that cannot serve a call r
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from ..backend_choice import check_choice, requested_choice
 
 ENV_VAR = "REPA_FAST_ATTN_BACKEND"
 BACKENDS = ("flash3", "flash4", "flash2", "xformers", "sdpa", "math")
@@ -167,16 +168,12 @@ def available_backends(device: Optional[torch.device] = None, dtype: torch.dtype
 
 
 def check_backend_name(name: str, argument: str = "attn_backend") -> str:
-    if name not in CHOICES:
-        raise ValueError(f"{argument} must be one of {', '.join(CHOICES)}; got {name!r}")
-    return name
+    return check_choice(name, CHOICES, argument)
 
 
 def requested_backend(explicit: Optional[str] = None) -> str:
     """The backend asked for: the argument if given, else ``$REPA_FAST_ATTN_BACKEND``, else auto."""
-    if explicit is not None:
-        return check_backend_name(explicit)
-    return check_backend_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
+    return requested_choice(explicit, CHOICES, "attn_backend", ENV_VAR)
 
 
 def resolve_backend(requested: str, q: torch.Tensor) -> str:

@@ -1,12 +1,12 @@
 """``repa_alignment_loss``: the REPA alignment op with backend dispatch, and ``REPAProjector``."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from ..backend_choice import requested_choice
 from .alignment_reference import project, repa_alignment_loss_reference
 from .backends import ENV_VAR, REGISTRY
 
@@ -16,11 +16,8 @@ IMPLEMENTATIONS = {"reference": repa_alignment_loss_reference}
 
 
 def requested_backend(explicit: Optional[str] = None) -> str:
-    name = explicit if explicit is not None else (os.environ.get(ENV_VAR) or "auto")
-    if name not in CHOICES:
-        argument = "backend" if explicit is not None else ENV_VAR
-        raise ValueError(f"{argument} must be one of {', '.join(CHOICES)}; got {name!r}")
-    return name
+    """The backend asked for: the argument if given, else ``$REPA_FAST_OPS_BACKEND``, else auto."""
+    return requested_choice(explicit, CHOICES, "backend", ENV_VAR)
 
 
 def repa_alignment_loss(hidden: torch.Tensor, target: torch.Tensor,
