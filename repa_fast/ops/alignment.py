@@ -30,7 +30,7 @@ def repa_alignment_loss(hidden: torch.Tensor, target: torch.Tensor,
 
     ``target_prefix_tokens`` leading target tokens (CLS, registers) are skipped; grids that
     differ by an integer factor per side are average-pooled to the coarser one. Returns a
-    float32 scalar, differentiable in ``hidden``, the weights, and ``target`` if it requires
+    scalar of at least float32, differentiable in ``hidden``, the weights, and ``target`` if it requires
     grad. See :mod:`repa_fast.ops.alignment_reference` for the formula. ``backend`` (or
     ``$REPA_FAST_OPS_BACKEND``) picks the implementation; ``auto`` takes the fastest usable.
     """

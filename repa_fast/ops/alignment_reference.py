@@ -6,7 +6,8 @@
 When the SiT grid and the encoder grid differ by an integer factor k per side, the finer side is
 average-pooled over k×k patches (``p`` when the SiT grid is finer, the target otherwise). With
 equal grids this is the official ``proj_loss``. NaN or Inf inputs give a NaN loss (never a
-finite number). Runs on every device and dtype; the cosine stage is computed in float32.
+finite number). Runs on every device and dtype; the cosine stage is computed in at least
+float32 (float64 inputs stay float64).
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def repa_alignment_loss_reference(hidden: torch.Tensor, target: torch.Tensor,
                                   hidden_grid: Optional[int] = None,
                                   target_grid: Optional[int] = None,
                                   target_prefix_tokens: int = 0) -> torch.Tensor:
-    """The alignment loss (module docstring) by plain PyTorch ops; a float32 scalar."""
+    """The alignment loss (module docstring) by plain PyTorch ops; a scalar of at least float32."""
     _check_inputs(hidden, target, w1, b1, w2, b2, w3, b3, target_prefix_tokens)
     target = target[:, target_prefix_tokens:]
     hg = _check_grid(hidden_grid, hidden.shape[1], "hidden")

@@ -36,8 +36,8 @@ def projection_loss(zs: TensorList, zs_tilde: TensorList) -> torch.Tensor:
 
         loss = mean_k mean_{n, t} -<z / max(|z|, ε), z̃ / max(|z̃|, ε)>,   ε = 1e-12,
 
-    which equals the official per-sample loop. Computed in float32 (also under autocast) and
-    returned as a float32 scalar.
+    which equals the official per-sample loop. Computed in at least float32 (half and bf16
+    inputs, and autocast, are upcast; float64 stays float64) and returned in that dtype.
     """
     zs, zs_tilde = _as_list(zs), _as_list(zs_tilde)
     if len(zs) != len(zs_tilde) or not zs:
@@ -48,9 +48,10 @@ def projection_loss(zs: TensorList, zs_tilde: TensorList) -> torch.Tensor:
         if z.dim() != 3 or z.shape != z_tilde.shape:
             raise ValueError(f"zs[{k}] and zs_tilde[{k}] must both be [N, T, Z] of one shape; got "
                              f"{list(z.shape)} and {list(z_tilde.shape)}")
+        dtype = torch.promote_types(torch.promote_types(z.dtype, z_tilde.dtype), torch.float32)
         with torch.autocast(z.device.type, enabled=False):
-            z = F.normalize(z.float(), dim=-1)
-            z_tilde = F.normalize(z_tilde.float(), dim=-1)
+            z = F.normalize(z.to(dtype), dim=-1)
+            z_tilde = F.normalize(z_tilde.to(dtype), dim=-1)
             term = -(z * z_tilde).sum(dim=-1).mean()
         total = term if total is None else total + term
     return total / len(zs)
