@@ -8,7 +8,8 @@ so official checkpoints load with ``strict=True`` and give the same outputs. Dif
   384, so the official SiT-S cannot run a forward pass; here the final layer width follows
   ``hidden_size``;
 * :meth:`SiT.forward_with_hidden` returns the block-``encoder_depth`` hidden states without
-  running the projectors, for the fused alignment loss;
+  running the projectors, and ``forward(..., align_to=zs)`` returns the fused alignment loss
+  instead of the projected tokens;
 * inputs are checked, with errors that name the argument.
 """
 from __future__ import annotations
@@ -243,11 +244,31 @@ class SiT(nn.Module):
         x = self.final_layer(x, c)  # [N, T, p²·C]
         return self.unpatchify(x), hidden
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_logvar: bool = False):
-        """``(v, zs)`` as the official model; ``return_logvar`` is accepted and ignored, as there."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                return_logvar: bool = False, *, align_to: Optional[Sequence[torch.Tensor]] = None,
+                **align_kwargs):
+        """``(v, zs)`` as the official model; ``return_logvar`` is accepted and ignored, as there.
+
+        With ``align_to`` (one encoder's patch tokens [N, T', z_dims[k]] per projector):
+        ``(v, proj_loss)``, where proj_loss is the mean over encoders of the fused alignment op
+        (:func:`repa_fast.ops.repa_alignment_loss`, ``align_kwargs`` passed on) and the
+        projected tokens are never materialised. Computing it inside ``forward`` keeps it under
+        DDP/DeepSpeed wrappers, which only see ``forward`` calls.
+        """
         out, hidden = self.forward_with_hidden(x, t, y)
-        zs = [projector(hidden) for projector in self.projectors]
-        return out, zs
+        if align_to is None:
+            return out, [projector(hidden) for projector in self.projectors]
+        if isinstance(align_to, torch.Tensor):
+            align_to = [align_to]
+        if not self.projectors:
+            raise ValueError("align_to was given but this model has no projectors (z_dims=[])")
+        if len(align_to) != len(self.projectors):
+            raise ValueError(f"align_to must hold one target per projector "
+                             f"({len(self.projectors)}, z_dims={self.z_dims}); got "
+                             f"{len(align_to)}")
+        losses = [projector.alignment_loss(hidden, z, **align_kwargs)
+                  for projector, z in zip(self.projectors, align_to)]
+        return out, sum(losses) / len(losses)
 
 
 class UnknownModelError(KeyError, ValueError):

@@ -8,11 +8,9 @@ import torch.nn as nn
 
 from ..backend_choice import requested_choice
 from .alignment_reference import project, repa_alignment_loss_reference
-from .backends import ENV_VAR, REGISTRY
+from .backends import ENV_VAR, REGISTRY, auto_backend
 
 CHOICES = ("auto",) + tuple(REGISTRY)
-# name -> implementation; every one computes repa_alignment_loss_reference's function.
-IMPLEMENTATIONS = {"reference": repa_alignment_loss_reference}
 
 
 def requested_backend(explicit: Optional[str] = None) -> str:
@@ -20,30 +18,56 @@ def requested_backend(explicit: Optional[str] = None) -> str:
     return requested_choice(explicit, CHOICES, "backend", ENV_VAR)
 
 
+@torch.compiler.assume_constant_result
+def _resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    # torch.compile runs this while tracing and keeps the answer (guarded by device and dtype
+    # specialisation anyway), so backend dispatch never breaks the graph.
+    if requested == "auto":
+        return auto_backend(device, dtype)
+    reason = REGISTRY[requested](device, dtype)
+    if reason is not None:
+        raise ValueError(f"alignment-op backend {requested!r} was forced but cannot run this "
+                         f"call ({device.type}, {dtype}): {reason}. Use backend='auto' or "
+                         f"${ENV_VAR}=auto to fall back to a backend that can.")
+    return requested
+
+
+def _call_dtype(hidden: torch.Tensor) -> torch.dtype:
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return hidden.dtype
+
+
 def repa_alignment_loss(hidden: torch.Tensor, target: torch.Tensor,
                         w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                         w3: torch.Tensor, b3: torch.Tensor, *, hidden_grid: Optional[int] = None,
                         target_grid: Optional[int] = None, target_prefix_tokens: int = 0,
-                        backend: Optional[str] = None) -> torch.Tensor:
+                        recompute: bool = True, backend: Optional[str] = None) -> torch.Tensor:
     """REPA alignment loss of SiT tokens ``hidden`` [B, T, D] against encoder tokens ``target``
     [B, T', Z] through the projector ``(w1, b1, w2, b2, w3, b3)`` (``nn.Linear`` layout).
 
     ``target_prefix_tokens`` leading target tokens (CLS, registers) are skipped; grids that
     differ by an integer factor per side are average-pooled to the coarser one. Returns a
-    scalar of at least float32, differentiable in ``hidden``, the weights, and ``target`` if it requires
-    grad. See :mod:`repa_fast.ops.alignment_reference` for the formula. ``backend`` (or
-    ``$REPA_FAST_OPS_BACKEND``) picks the implementation; ``auto`` takes the fastest usable.
+    scalar of at least float32, differentiable in ``hidden``, the weights, and ``target`` if it
+    requires grad. See :mod:`repa_fast.ops.alignment_reference` for the formula.
+
+    ``backend`` (or ``$REPA_FAST_OPS_BACKEND``): ``auto`` takes the fused Triton kernels for
+    CUDA tensors in fp32/fp16/bf16 and the PyTorch reference otherwise; ``triton`` or
+    ``reference`` force one (a forced backend that cannot run raises and says why).
+    ``recompute`` (Triton only): keep only the inputs for the backward and recompute the
+    projector's intermediates there (default), or keep them (faster, more memory).
     """
-    name = requested_backend(backend)
-    if name == "auto":
-        name = next(n for n, problem in REGISTRY.items() if problem() is None)
-    else:
-        reason = REGISTRY[name]()
-        if reason is not None:
-            raise ValueError(f"alignment-op backend {name!r} was forced but cannot run: {reason}")
-    return IMPLEMENTATIONS[name](hidden, target, w1, b1, w2, b2, w3, b3,
-                                 hidden_grid=hidden_grid, target_grid=target_grid,
-                                 target_prefix_tokens=target_prefix_tokens)
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor; got {type(hidden).__name__}")
+    name = _resolve(requested_backend(backend), hidden.device, _call_dtype(hidden))
+    kwargs = dict(hidden_grid=hidden_grid, target_grid=target_grid,
+                  target_prefix_tokens=target_prefix_tokens)
+    if name == "triton":
+        from .alignment_triton import repa_alignment_loss_triton  # needs triton: import on use
+        return repa_alignment_loss_triton(hidden, target, w1, b1, w2, b2, w3, b3,
+                                          recompute=recompute, **kwargs)
+    return repa_alignment_loss_reference(hidden, target, w1, b1, w2, b2, w3, b3, **kwargs)
 
 
 class REPAProjector(nn.Sequential):

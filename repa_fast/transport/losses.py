@@ -58,18 +58,25 @@ def projection_loss(zs: TensorList, zs_tilde: TensorList) -> torch.Tensor:
 
 
 class SILoss:
-    """The official ``SILoss``: same constructor and call, vectorised projection loss.
+    """The official ``SILoss``: same constructor and call, fused or vectorised projection loss.
 
-    ``loss_fn(model, images, model_kwargs, zs)`` draws times and noise, runs
-    ``model(x_t, t, **model_kwargs) -> (v, zs_tilde)`` and returns ``(denoising_loss [N],
-    proj_loss scalar)``. Random draws happen in the official order (times on the CPU, then
-    ``randn_like(images)``), so a seeded run draws the same numbers.
+    ``loss_fn(model, images, model_kwargs, zs)`` draws times and noise, runs the model on
+    ``x_t`` and returns ``(denoising_loss [N], proj_loss scalar)``. Random draws happen in the
+    official order (times on the CPU, then ``randn_like(images)``), so a seeded run draws the
+    same numbers.
+
+    ``fused=True`` (default) calls ``model(x_t, t, **model_kwargs, align_to=zs) -> (v,
+    proj_loss)``: the repa_fast SiT computes the loss with the fused alignment op
+    (``align_kwargs``, e.g. ``backend`` or ``recompute``, are passed to it). ``fused=False``
+    calls ``model(x_t, t, **model_kwargs) -> (v, zs_tilde)`` like the official code, for
+    models without ``align_to``, and applies :func:`projection_loss`.
     """
 
     def __init__(self, prediction: str = "v", path_type: str = "linear",
                  weighting: str = "uniform", encoders=(), accelerator=None,
                  latents_scale: Optional[torch.Tensor] = None,
-                 latents_bias: Optional[torch.Tensor] = None):
+                 latents_bias: Optional[torch.Tensor] = None, *, fused: bool = True,
+                 align_kwargs: Optional[dict] = None):
         if prediction != "v":
             raise ValueError(f"prediction must be 'v' (velocity; the only target REPA trains); "
                              f"got {prediction!r}")
@@ -83,6 +90,8 @@ class SILoss:
         self.accelerator = accelerator
         self.latents_scale = latents_scale
         self.latents_bias = latents_bias
+        self.fused = fused
+        self.align_kwargs = dict(align_kwargs or {})
 
     def __call__(self, model, images: torch.Tensor, model_kwargs: Optional[dict] = None,
                  zs: Optional[TensorList] = None):
@@ -91,10 +100,13 @@ class SILoss:
                         device=images.device, dtype=images.dtype)
         noise = torch.randn_like(images)
         model_input, model_target = interpolate(images, noise, t, self.path_type)
-        model_output, zs_tilde = model(model_input, t.flatten(), **model_kwargs)
-        loss = denoising_loss(model_output, model_target)
-        if zs is None or len(_as_list(zs)) == 0:
-            proj_loss = torch.zeros((), device=images.device)
+        zs = [] if zs is None else _as_list(zs)
+        if zs and self.fused:
+            model_output, proj_loss = model(model_input, t.flatten(), **model_kwargs,
+                                            align_to=zs, **self.align_kwargs)
         else:
-            proj_loss = projection_loss(zs, zs_tilde)
+            model_output, zs_tilde = model(model_input, t.flatten(), **model_kwargs)
+            proj_loss = (projection_loss(zs, zs_tilde) if zs
+                         else torch.zeros((), device=images.device))
+        loss = denoising_loss(model_output, model_target)
         return loss, proj_loss

@@ -1,0 +1,51 @@
+"""Autotuning set-up shared by the kernels: GPU config lists, one fixed config under the interpreter.
+
+Autotune keys use ``M_BUCKET`` (M rounded up to a power of two) instead of M, so a new batch
+size in the same bucket reuses the tuned config instead of benchmarking again.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+# Read when this module is imported, like @triton.jit reads it at decoration time.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def m_bucket(m: int) -> int:
+    """The autotune bucket of a row count: the next power of two (at least 64)."""
+    return max(64, 1 << (int(m) - 1).bit_length())
+
+
+def matmul_configs(gpu: list[tuple[int, int, int, int, int]], interpreted: tuple[int, int, int]):
+    """``triton.Config`` list from ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` tuples.
+
+    Under ``TRITON_INTERPRET=1`` a single small config is used: one config means no
+    benchmarking, and the interpreter's cost is per program, so tiles stay moderate while
+    test shapes still span several tiles in every dimension.
+    """
+    if INTERPRET:
+        bm, bn, bk = interpreted
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 4})]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in gpu]
+
+
+# Large-K GEMMs of the projector (K = hidden size or projector dim, N = projector dim).
+GEMM_CONFIGS = [
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 64, 64, 4, 3),
+]
+INTERPRETED_TILE = (32, 32, 32)
+
+
+def min_block(configs: list[tuple[int, ...]], index: int) -> int:
+    """The smallest block size at ``index`` (0: BLOCK_M, 1: BLOCK_N) over ``configs`` and the
+    interpreter's tile: buffers of per-block partial sums are sized with it, so their shape
+    does not depend on the config autotuning picks."""
+    return min([c[index] for c in configs] + [INTERPRETED_TILE[index]])

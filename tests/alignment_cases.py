@@ -1,0 +1,35 @@
+"""Shared inputs and the float64 loop the alignment-op tests compare every backend with."""
+import torch
+
+
+def loop_loss(h, z, w1, b1, w2, b2, w3, b3, prefix=0):
+    """float64, sample by sample and patch by patch, as the formula is written."""
+    h, z = h.double(), z.double()[:, prefix:]
+    w1, b1, w2, b2, w3, b3 = (t.double() for t in (w1, b1, w2, b2, w3, b3))
+    silu = torch.nn.functional.silu
+    hg, tg = int(h.shape[1] ** 0.5), int(z.shape[1] ** 0.5)
+    g = min(hg, tg)
+    kh, kt = hg // g, tg // g
+    total, count = 0.0, 0
+    for b in range(h.shape[0]):
+        p = silu(h[b] @ w1.T + b1)
+        p = silu(p @ w2.T + b2)
+        p = p @ w3.T + b3  # [T, Z]
+        for r in range(g):
+            for c in range(g):
+                pp = torch.stack([p[(r * kh + i) * hg + c * kh + j]
+                                  for i in range(kh) for j in range(kh)]).mean(0)
+                zz = torch.stack([z[b, (r * kt + i) * tg + c * kt + j]
+                                  for i in range(kt) for j in range(kt)]).mean(0)
+                cos = (pp / pp.norm().clamp_min(1e-12)) @ (zz / zz.norm().clamp_min(1e-12))
+                total, count = total - cos, count + 1
+    return total / count
+
+
+def make_inputs(B, T, T_target, D=48, P=80, Z=40, dtype=torch.float32, target_grad=False):
+    h = torch.randn(B, T, D, dtype=dtype, requires_grad=True)
+    z = torch.randn(B, T_target, Z, dtype=dtype, requires_grad=target_grad)
+    ws = [torch.randn(P, D) / D ** 0.5, torch.randn(P) * 0.1, torch.randn(P, P) / P ** 0.5,
+          torch.randn(P) * 0.1, torch.randn(Z, P) / P ** 0.5, torch.randn(Z) * 0.1]
+    ws = [w.to(dtype).requires_grad_(True) for w in ws]
+    return h, z, ws
