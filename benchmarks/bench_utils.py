@@ -22,6 +22,7 @@ def timed(benchmark, fn, *, flops: float = 0.0, rounds: int = 20, warmup: int = 
         fn()
     sync()
     if ON_GPU:
+        base_mem = torch.cuda.memory_allocated()  # inputs, weights, .grad buffers
         torch.cuda.reset_peak_memory_stats()
 
     def run():
@@ -40,5 +41,33 @@ def timed(benchmark, fn, *, flops: float = 0.0, rounds: int = 20, warmup: int = 
         info["tflops_per_s"] = flops / median / 1e12
     if ON_GPU:
         info["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        # what one call adds on top of what already exists: the memory a trainer pays for it
+        info["peak_extra_mem_mib"] = (torch.cuda.max_memory_allocated() - base_mem) / 2 ** 20
     return result
+
+
+_MATMUL_PEAK: dict = {}
+
+
+def bf16_matmul_peak_tflops() -> float:
+    """This card's measured bf16 matmul throughput (8192³, best of 20), the ceiling GEMM
+    efficiency is stated against; measured once per session. 0.0 on CPU."""
+    if not ON_GPU:
+        return 0.0
+    if "tflops" not in _MATMUL_PEAK:
+        n = 8192
+        a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        _MATMUL_PEAK["tflops"] = 2 * n ** 3 / min(times) / 1e12
+    return _MATMUL_PEAK["tflops"]
 

@@ -1,6 +1,14 @@
 """Triton device code of repa_fast, installed as ``repa_fast.kernels``.
 
-Only ``@triton.jit`` functions live here; host wrappers and autograd functions are in
-``repa_fast.ops``. Import through the package (``import repa_fast.kernels``): this folder is
-mapped to ``repa_fast.kernels`` by ``setup.py`` and is never a top-level module.
+Only ``@triton.jit`` functions and their autotune configs live here; host wrappers, torch ops
+and autograd are in ``repa_fast.ops`` (``alignment_triton.py``). Import through the package
+(``import repa_fast.kernels``): this folder is mapped to ``repa_fast.kernels`` by ``setup.py``
+and is never a top-level module.
+
+* ``linear_silu.py``: projector GEMMs with bias + SiLU (forward) and SiLU-derivative + bias
+  gradient (backward) epilogues;
+* ``cosine.py``: the last projector GEMM with patch pooling and the normalised-cosine epilogue,
+  its backward, and the one-program finish kernel;
+* ``tuning.py``: autotune configs (one fixed config under ``TRITON_INTERPRET=1``) and the
+  M bucketing of autotune keys.
 """

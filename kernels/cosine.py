@@ -31,7 +31,7 @@ COSINE_CONFIGS = [
     (64, 64, 64, 4, 3),
     (128, 256, 64, 8, 3),
 ]
-EPS = 1e-12  # F.normalize's eps
+EPS = tl.constexpr(1e-12)  # F.normalize's eps
 
 
 @triton.jit

@@ -11,6 +11,7 @@ from .attention import AUTO_ORDER, ENV_VAR as ATTN_ENV, describe_backends as att
 from .attention import resolve_backend
 from .attention.backends import import_version
 from .ops import ENV_VAR as OPS_ENV, describe_backends as op_backends
+from .ops.backends import auto_backend as auto_op_backend, triton_interpreted
 
 # (label, module to import for the version)
 OPTIONAL_PACKAGES = [
@@ -50,8 +51,15 @@ def report() -> str:
         probe = torch.empty(1, 1, 1, 72, dtype=dtype, device=device)
         lines.append(f"  auto picks {resolve_backend('auto', probe)} for {dtype} head_dim 72 "
                      f"on {device.type}")
-    lines.append(f"alignment-op backends (force with ${OPS_ENV}):")
-    lines += _backend_lines(op_backends())
+    lines.append(f"alignment-op backends (force with backend= or ${OPS_ENV}):")
+    op_lines = _backend_lines(op_backends())
+    if triton_interpreted():
+        op_lines = [line.replace("available", "available on Triton's CPU interpreter (slow: "
+                                 "tests only, auto never picks it)", 1)
+                    if line.split()[0] == "triton" else line for line in op_lines]
+    lines += op_lines
+    for dtype in (torch.bfloat16, torch.float32):
+        lines.append(f"  auto picks {auto_op_backend(device, dtype)} for {dtype} on {device.type}")
     return "\n".join(lines)
 
 

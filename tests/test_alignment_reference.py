@@ -38,7 +38,9 @@ def test_float16_inputs(seed):
     h, z, ws = make_inputs(3, 25, 100, dtype=torch.float16)
     loss = repa_alignment_loss(h, z, *ws)
     ref = loop_loss(h.detach(), z, *[w.detach() for w in ws])
-    assert abs(loss.item() - ref.item()) <= 1e-2 * abs(ref.item())
+    # a mean of cosines of random data is near 0: the tolerance also scales with its terms
+    # (max error over 200 seeds: 2.6e-5)
+    assert abs(loss.item() - ref.item()) <= 1e-2 * (abs(ref.item()) + 1e-2)
 
 
 def test_equal_grids_is_official_projection_loss(seed):

@@ -50,6 +50,12 @@ def test_fp32_loss_and_every_gradient(seed, T, T_target, prefix, target_grad):
     check_against_loop(h, z, ws, prefix, target_grad, rtol=1e-5)
 
 
+def test_dinov2_layout_257_tokens(seed):
+    """DINOv2 at 224px: CLS + 16x16 patch tokens, onto a 16x16 SiT grid; batch 3."""
+    h, z, ws = make_inputs(3, 256, 257, target_grad=True)
+    check_against_loop(h, z, ws, 1, True, rtol=1e-5)
+
+
 @pytest.mark.parametrize("T, T_target", [(25, 100), (100, 25)])
 def test_saved_intermediates_mode(seed, T, T_target):
     """recompute=False keeps pre-activations and activations: same numbers."""
@@ -60,7 +66,7 @@ def test_saved_intermediates_mode(seed, T, T_target):
 @pytest.mark.parametrize("T, T_target", [(25, 25), (100, 25), (25, 100)])
 def test_fp16(seed, T, T_target):
     h, z, ws = make_inputs(3, T, T_target, dtype=torch.float16, target_grad=True)
-    check_against_loop(h, z, ws, 0, True, rtol=2e-2)
+    check_against_loop(h, z, ws, 0, True, rtol=1e-2)
 
 
 def test_autocast_runs_gemms_in_autocast_dtype(seed):
@@ -190,3 +196,29 @@ def test_siloss_fused_path_matches_official_path(seed, backend):
     params = [p for p in model.parameters() if p.requires_grad]
     index = next(i for i, p in enumerate(params) if p is model.projectors[1][4].bias)
     assert results[0][1 + index].abs().sum() > 0  # reached by proj_loss only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_compile_fullgraph_and_memory(seed):
+    """bf16 at the SiT-XL/2 width: compiles without graph breaks, matches eager, and the
+    recompute mode adds at most half the peak memory of the eager reference."""
+    proj = REPAProjector(1152, 2048, 768).cuda().bfloat16()
+    h = torch.randn(32, 256, 1152, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    z = torch.randn(32, 256, 768, device="cuda", dtype=torch.bfloat16)
+
+    def peak_extra(backend):
+        for _ in range(2):  # the first call allocates .grad buffers and autotunes
+            proj.zero_grad(set_to_none=False)
+            proj.alignment_loss(h, z, backend=backend).backward()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        proj.alignment_loss(h, z, backend=backend).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    assert peak_extra("triton") <= 0.5 * peak_extra("reference")
+    step = torch.compile(lambda h, z: proj.alignment_loss(h, z, backend="triton"), fullgraph=True)
+    eager = proj.alignment_loss(h, z, backend="triton")
+    assert torch.allclose(step(h, z), eager, rtol=1e-3, atol=1e-4)

@@ -36,7 +36,7 @@ def test_wheel_contents(wheel):
 def test_unpacked_wheel_imports_everything(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(tmp_path)
     code = ("import importlib.util, repa_fast, repa_fast.kernels, repa_fast.models, "
-            "repa_fast.sampling, repa_fast.transport, repa_fast.info;"
+            "repa_fast.sampling, repa_fast.transport, repa_fast.info, repa_fast.ops.alignment_triton;"
             "assert importlib.util.find_spec('kernels') is None;"
             "assert repa_fast.__file__.startswith(%r);"
             "print(repa_fast.kernels.__name__)" % str(tmp_path))

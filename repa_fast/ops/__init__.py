@@ -2,8 +2,9 @@
 
 ``repa_alignment_loss`` is the REPA alignment op (projector MLP + patch-token pooling + cosine
 loss); ``REPAProjector`` is the projector module that calls it. Backends register in
-:mod:`repa_fast.ops.backends` with a function saying why they cannot run; the pure-PyTorch
-``reference`` runs everywhere.
+:mod:`repa_fast.ops.backends` with a function saying why they cannot run a call: ``triton``
+(fused kernels, :mod:`repa_fast.ops.alignment_triton`, CUDA) and the pure-PyTorch
+``reference``, which runs everywhere.
 """
 from .alignment import REPAProjector, repa_alignment_loss
 from .alignment_reference import repa_alignment_loss_reference

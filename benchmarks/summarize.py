@@ -1,0 +1,44 @@
+"""Ratios of a saved benchmark run: ``python benchmarks/summarize.py RESULTS.json``.
+
+For each (case, mode) of the alignment-op suite: median time, speed-up of every provider over
+the official-style loop and over ``torch.compile`` of the reference, TFLOP/s, the fraction of
+the card's bf16 matmul peak, and peak extra memory against the eager reference's.
+"""
+import json
+import sys
+from collections import defaultdict
+
+
+def main(path: str) -> None:
+    data = json.load(open(path))
+    machine = data.get("repa_fast_machine", {})
+    print(f"{machine.get('device')}  torch {machine.get('torch')}  triton {machine.get('triton')}"
+          f"  {machine.get('date')}  bf16 matmul peak {machine.get('bf16_matmul_peak_tflops', 0):.0f} TFLOP/s")
+    groups = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info", {})
+        if "provider" in info:
+            groups[(info["case"], info["mode"])][info["provider"]] = (bench["stats"]["median"], info)
+    for (case, mode), rows in sorted(groups.items()):
+        print(f"\n{case} {mode}")
+        loop = rows.get("official_loop", (None,))[0]
+        compiled = rows.get("compiled_reference", (None,))[0]
+        ref_mem = rows.get("eager_reference", (None, {}))[1].get("peak_extra_mem_mib")
+        for provider, (median, info) in rows.items():
+            parts = [f"  {provider:<20} {median * 1e3:9.3f} ms"]
+            if loop:
+                parts.append(f"x{loop / median:5.2f} vs loop")
+            if compiled:
+                parts.append(f"x{compiled / median:5.2f} vs compiled")
+            parts.append(f"{info.get('tflops_per_s', 0):7.1f} TFLOP/s")
+            if "fraction_of_matmul_peak" in info:
+                parts.append(f"{100 * info['fraction_of_matmul_peak']:5.1f}% of peak")
+            mem = info.get("peak_extra_mem_mib")
+            if mem is not None:
+                parts.append(f"+{mem:8.1f} MiB" + (f" ({100 * mem / ref_mem:5.1f}% of eager)"
+                                                   if ref_mem else ""))
+            print("  ".join(parts))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
