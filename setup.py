@@ -1,8 +1,9 @@
 """Build script for repa_fast.
 
-The Triton device code lives in the top-level ``kernels/`` folder and ships as the
-sub-package ``repa_fast.kernels`` (mapped with ``package_dir``), so no top-level module
-named ``kernels`` is ever installed.
+The Triton device code lives in the top-level ``kernels/`` folder; ``repa_fast/kernels`` is a
+symlink to it, so it ships as the sub-package ``repa_fast.kernels`` and also imports when the
+package runs straight from a checkout (``python -m repa_fast.info`` in the repository root).
+No top-level module named ``kernels`` is ever installed.
 """
 import re
 from pathlib import Path
@@ -35,10 +36,7 @@ EXTRAS = {
     "dev": ["pytest>=8", "pytest-benchmark>=4"],
 }
 
-packages = [p for p in find_packages(include=["repa_fast", "repa_fast.*"])]
-packages += ["repa_fast.kernels"] + [
-    "repa_fast.kernels." + p for p in find_packages(where="kernels")
-]
+packages = find_packages(include=["repa_fast", "repa_fast.*"])  # follows the kernels symlink
 
 setup(
     name="repa_fast",
@@ -49,7 +47,6 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"repa_fast": "repa_fast", "repa_fast.kernels": "kernels"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["repa-fast-info=repa_fast.info:main"]},

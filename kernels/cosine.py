@@ -91,8 +91,10 @@ def _target_tile(t_ptr, offs_r, offs_z, mask_r, mask_z, CELLS, POOLED_GRID, GRID
     return z
 
 
+# reset_to_zero: autotuning runs every config into the same buffer; a winner with larger
+# blocks writes fewer slots, so the slots others wrote must be zeroed again afterwards.
 @triton.autotune(configs=matmul_configs(COSINE_CONFIGS, INTERPRETED_TILE),
-                 key=["R_BUCKET", "Z", "K"])
+                 key=["R_BUCKET", "Z", "K", "POOL", "POOL_T"], reset_to_zero=["part_ptr"])
 @triton.jit
 def project_cosine_fwd_kernel(
     s_ptr, w_ptr, b_ptr, t_ptr, part_ptr,
@@ -152,7 +154,8 @@ def cosine_finish_kernel(part_ptr, stats_ptr, loss_ptr, R, Z_SLOTS, BLOCK: tl.co
 
 
 @triton.autotune(configs=matmul_configs(COSINE_CONFIGS, INTERPRETED_TILE),
-                 key=["R_BUCKET", "Z", "K"])
+                 key=["R_BUCKET", "Z", "K", "POOL", "POOL_T", "TARGET_GRAD"],
+                 reset_to_zero=["dbias_ptr"])
 @triton.jit
 def project_cosine_bwd_kernel(
     s_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, grad_ptr, dp_ptr, dbias_ptr, dt_ptr,

@@ -38,7 +38,8 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
     return pid_m, pid_n
 
 
-@triton.autotune(configs=matmul_configs(GEMM_CONFIGS, INTERPRETED_TILE), key=["M_BUCKET", "N", "K"])
+@triton.autotune(configs=matmul_configs(GEMM_CONFIGS, INTERPRETED_TILE),
+                 key=["M_BUCKET", "N", "K", "STORE_PRE", "STORE_ACT"])
 @triton.jit
 def linear_bias_silu_kernel(
     x_ptr, w_ptr, b_ptr, pre_ptr, act_ptr,
@@ -70,7 +71,9 @@ def linear_bias_silu_kernel(
         tl.store(act_ptr + out, (pre * tl.sigmoid(pre)).to(act_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=matmul_configs(GEMM_CONFIGS, INTERPRETED_TILE), key=["M_BUCKET", "N", "K"])
+# reset_to_zero: see project_cosine_fwd_kernel (bias-gradient slots of a smaller BLOCK_M).
+@triton.autotune(configs=matmul_configs(GEMM_CONFIGS, INTERPRETED_TILE),
+                 key=["M_BUCKET", "N", "K", "POOL"], reset_to_zero=["dbias_ptr"])
 @triton.jit
 def linear_grad_silu_kernel(
     g_ptr, w_ptr, pre_ptr, dpre_ptr, dbias_ptr,

@@ -45,7 +45,9 @@ INTERPRETED_TILE = (32, 32, 32)
 
 
 def min_block(configs: list[tuple[int, ...]], index: int) -> int:
-    """The smallest block size at ``index`` (0: BLOCK_M, 1: BLOCK_N) over ``configs`` and the
-    interpreter's tile: buffers of per-block partial sums are sized with it, so their shape
-    does not depend on the config autotuning picks."""
-    return min([c[index] for c in configs] + [INTERPRETED_TILE[index]])
+    """The smallest block size at ``index`` (0: BLOCK_M, 1: BLOCK_N) over the configs in use:
+    buffers of per-block partial sums are sized with it, so their shape does not depend on the
+    config autotuning picks (the kernels' ``reset_to_zero`` clears what losing configs wrote)."""
+    if INTERPRET:
+        return INTERPRETED_TILE[index]
+    return min(c[index] for c in configs)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from repa_fast.ops import REPAProjector, describe_backends, repa_alignment_loss
+from repa_fast.ops import alignment_triton  # noqa: F401  (registers the repa_fast:: ops)
 from repa_fast.ops.backends import auto_backend
 
 from alignment_cases import loop_loss, make_inputs
@@ -129,13 +130,49 @@ def test_backend_choice(monkeypatch):
 
 
 def test_custom_ops_pass_opcheck(seed):
-    """Schema, fake (meta) implementations and autograd registration agree with the kernels."""
+    """Schema, fake (meta) implementations and autograd registration agree with the kernels,
+    for the forward and the backward op, with a non-contiguous hidden and target."""
     h, z, ws = make_inputs(3, 16, 64, target_grad=True)
-    args = (h, z, *ws, 4, 8, 0)
+    h = h.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # permuted strides
+    z = z.detach()[:, :, :].transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    fwd = torch.ops.repa_fast.alignment_loss_fwd.default
     for save in (False, True):
-        torch.library.opcheck(torch.ops.repa_fast.alignment_loss_fwd.default, args + (save,),
-                              test_utils=("test_schema", "test_faketensor",
-                                          "test_autograd_registration"))
+        args = (h, z, *ws, 4, 8, 0, save)
+        torch.library.opcheck(fwd, args, test_utils=checks)
+        loss, stats, *inter = fwd(*[a.detach() if isinstance(a, torch.Tensor) else a
+                                    for a in args])
+        for target_grad in (False, True):
+            bwd_args = (torch.ones(()), h.detach(), z.detach(), *[w.detach() for w in ws],
+                        stats, *inter, 4, 8, 0, target_grad)
+            torch.library.opcheck(torch.ops.repa_fast.alignment_loss_bwd.default, bwd_args,
+                                  test_utils=("test_schema", "test_faketensor"))
+
+
+def test_autotuning_leaves_no_stale_partial_sums(seed, monkeypatch):
+    """On a GPU the autotuner runs every config into the same partial-sum buffers; a winner
+    with larger blocks writes fewer slots. Simulate it with two configs per kernel (the
+    larger one winning) and check the very first call, the one that autotunes."""
+    import triton
+    from repa_fast.kernels import cosine, linear_silu
+
+    def config(bm, bn):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32, "GROUP_M": 4})
+
+    for kernel in (cosine.project_cosine_fwd_kernel, cosine.project_cosine_bwd_kernel,
+                   linear_silu.linear_grad_silu_kernel, linear_silu.linear_bias_silu_kernel):
+        runs = []
+
+        def bench(kernel_call, quantiles=None, runs=runs, **kwargs):
+            kernel_call()
+            runs.append(1)
+            return [10.0 - len(runs)] * 3  # each config looks faster than the one before
+
+        monkeypatch.setattr(kernel, "configs", [config(32, 32), config(64, 64)])
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setitem(kernel.__dict__, "do_bench", bench)
+    h, z, ws = make_inputs(3, 100, 100, Z=100, target_grad=True)
+    check_against_loop(h, z, ws, 0, True, rtol=1e-5)
 
 
 def test_compiles_fullgraph_and_matches_eager(seed):
@@ -222,3 +259,27 @@ def test_gpu_compile_fullgraph_and_memory(seed):
     step = torch.compile(lambda h, z: proj.alignment_loss(h, z, backend="triton"), fullgraph=True)
     eager = proj.alignment_loss(h, z, backend="triton")
     assert torch.allclose(step(h, z), eager, rtol=1e-3, atol=1e-4)
+
+
+def test_too_large_for_32_bit_offsets_is_refused():
+    h = torch.zeros(1, 1, 48).expand(1, 8192 ** 2, 48)  # 3.2e9 elements, none allocated
+    z = torch.zeros(1, 1, 40).expand(1, 8192 ** 2, 40)
+    _, _, ws = make_inputs(1, 4, 4)
+    with pytest.raises(ValueError, match="32-bit offsets.*split the batch"):
+        repa_alignment_loss(h, z, *ws, backend="triton")
+
+
+def test_tf32_setting_read_through_either_torch_api():
+    from repa_fast.ops.alignment_triton import _tf32_allowed
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy allow_tf32 flag")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert _tf32_allowed()
+        matmul.fp32_precision = "ieee"
+        assert not _tf32_allowed()
+    finally:
+        matmul.fp32_precision = before

@@ -45,3 +45,15 @@ def test_unpacked_wheel_imports_everything(wheel, tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "repa_fast.kernels"
+
+
+def test_runs_from_a_checkout_without_installing(tmp_path):
+    """``python -m repa_fast.info`` in the repository root imports the source tree, kernels
+    included (repa_fast/kernels is a symlink to kernels/)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", "import repa_fast, repa_fast.kernels.cosine, "
+                          "repa_fast.info; print(repa_fast.__file__)"],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith(str(ROOT))

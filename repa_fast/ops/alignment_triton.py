@@ -50,9 +50,20 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _tf32_allowed() -> bool:
+    """Whether torch would use TF32 for fp32 matmuls on CUDA (legacy or new API)."""
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # torch refuses the legacy flag once the new API has been used
+        setting = torch.backends.cuda.matmul.fp32_precision
+        if setting == "none":
+            setting = torch.backends.fp32_precision
+        return setting == "tf32"
+
+
 def _precision(t: torch.Tensor) -> str:
     # fp32 multiplies exactly unless the user allowed TF32 for matmuls, as torch does
-    if t.dtype == torch.float32 and not (t.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+    if t.dtype == torch.float32 and not (t.is_cuda and _tf32_allowed()):
         return "ieee"
     return "tf32"
 
@@ -152,7 +163,7 @@ def project_cosine_backward(grad: torch.Tensor, s2: torch.Tensor, w3: torch.Tens
     slots = triton.cdiv(r, min_block(COSINE_CONFIGS, 0))
     dbias = torch.zeros((slots, z), device=s2.device, dtype=torch.float32)
     # prefix tokens get no gradient; every other target row is written by the kernel
-    dt = torch.zeros_like(target) if target_grad else target.new_empty(_EMPTY)
+    dt = target.new_zeros(target.shape) if target_grad else target.new_empty(_EMPTY)
     dt_strides = dt.stride() if target_grad else (0, 0, 0)
 
     def grid(meta):
@@ -228,17 +239,18 @@ def alignment_loss_bwd(grad: torch.Tensor, hidden: torch.Tensor, target: torch.T
     dpre1, db1 = linear_grad_silu(dpre2, w2, pre1, None)
     del pre1, dpre2
     dw1 = dpre1.t().mm(h)
-    dh = dpre1.mm(w1).view_as(hidden)
-    biases = [db.to(w1.dtype) for db in (db1, db2, db3)]
-    return [dh, dt, dw1, biases[0], dw2, biases[1], dw3, biases[2]]
+    dh = dpre1.mm(w1).view(hidden.shape)
+    return [dh, dt, dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype),
+            dw3.to(w3.dtype), db3.to(b3.dtype)]
 
 
 @alignment_loss_bwd.register_fake
 def _(grad, hidden, target, w1, b1, w2, b2, w3, b3, stats, pre1, s1, pre2, s2, hidden_grid,
       target_grid, prefix, target_grad):
-    return [torch.empty_like(hidden),
-            torch.empty_like(target) if target_grad else target.new_empty(_EMPTY),
-            *(torch.empty_like(t) for t in (w1, b1, w2, b2, w3, b3))]
+    # contiguous, like the GEMM outputs and the zero-filled target gradient of the real op
+    return [hidden.new_empty(hidden.shape),
+            target.new_empty(target.shape if target_grad else _EMPTY),
+            *(t.new_empty(t.shape) for t in (w1, b1, w2, b2, w3, b3))]
 
 
 def _setup_context(ctx, inputs, output):
@@ -288,6 +300,13 @@ def repa_alignment_loss_triton(hidden: torch.Tensor, target: torch.Tensor,
     problem = _triton_problem(hidden.device, dtype)
     if problem is not None:
         raise ValueError(f"alignment-op backend 'triton' cannot run this call: {problem}")
+    # the kernels index with 32-bit offsets
+    largest = max(hidden.shape[0] * hidden.shape[1] * max(hidden.shape[2], w1.shape[0]),
+                  target.shape[0] * target.stride(0), w2.numel())
+    if largest >= 2 ** 31:
+        raise ValueError(f"the Triton kernels index with 32-bit offsets; this call needs "
+                         f"{largest} elements in one tensor (hidden {list(hidden.shape)}, "
+                         f"projector dim {w1.shape[0]}): split the batch into smaller chunks")
     weights = [w.to(dtype) for w in (w1, b1, w2, b2, w3, b3)]
     loss, *_ = alignment_loss_fwd(hidden.to(dtype), target, *weights, hg, tg,
                                   target_prefix_tokens, not recompute)

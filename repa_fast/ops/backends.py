@@ -46,6 +46,13 @@ def _triton_problem(device: Optional[torch.device] = None,
     if kind == "cuda":
         if triton_interpreted():
             return "TRITON_INTERPRET=1 is set, so Triton cannot launch on CUDA tensors"
+        if torch.version.hip is not None:
+            return "ROCm: the kernels are written and tested for NVIDIA GPUs only"
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 0):
+            return (f"needs an NVIDIA GPU of compute capability 8.0 or newer (Ampere, Hopper, "
+                    f"Blackwell) for bf16 and TF32 tensor cores; this one is "
+                    f"{capability[0]}.{capability[1]}")
     elif kind == "cpu":
         if not triton_interpreted():
             return ("no CUDA device: Triton kernels need a GPU, or TRITON_INTERPRET=1 (set before "
