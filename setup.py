@@ -29,6 +29,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "deepspeed": ["deepspeed>=0.15"],
     "dali": ["nvidia-dali-cuda130>=2.0"],
+    "data": ["diffusers>=0.30", "pillow>=10", "tqdm>=4.66"],
     "flash": ["flash-attn>=2.6"],
     "flash4": ["flash-attn-4>=4.0.0b1"],
     "xformers": ["xformers>=0.0.28"],
@@ -49,7 +50,8 @@ setup(
     packages=packages,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["repa-fast-info=repa_fast.info:main"]},
+    entry_points={"console_scripts": ["repa-fast-info=repa_fast.info:main",
+                                      "repa-fast-prepare=repa_fast.data.prepare:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
