@@ -60,6 +60,14 @@ def report() -> str:
     lines += op_lines
     for dtype in (torch.bfloat16, torch.float32):
         lines.append(f"  auto picks {auto_op_backend(device, dtype)} for {dtype} on {device.type}")
+    from .data.loaders import dali_problem  # imported here: only the report needs it
+    problem = dali_problem()
+    decode = "nvJPEG on the GPU" if torch.cuda.is_available() else "on the CPU (no GPU)"
+    lines.append("data loader backends:")
+    lines.append("  dali       " + (f"available, decodes {decode}" if problem is None
+                                    else f"unavailable: {problem}"))
+    lines.append("  torch      available (worker processes, torchvision decode)")
+    lines.append(f"  auto picks {'dali' if problem is None else 'torch'}")
     return "\n".join(lines)
 
 
