@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ..backend_choice import requested_choice
 from .alignment_reference import project, repa_alignment_loss_reference
-from .backends import ENV_VAR, REGISTRY, auto_backend
+from .backends import ENV_VAR, REGISTRY, auto_backend, compute_dtype
 
 CHOICES = ("auto",) + tuple(REGISTRY)
 
@@ -32,13 +32,6 @@ def _resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     return requested
 
 
-def _call_dtype(hidden: torch.Tensor) -> torch.dtype:
-    kind = hidden.device.type
-    if torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return hidden.dtype
-
-
 def repa_alignment_loss(hidden: torch.Tensor, target: torch.Tensor,
                         w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                         w3: torch.Tensor, b3: torch.Tensor, *, hidden_grid: Optional[int] = None,
@@ -60,7 +53,7 @@ def repa_alignment_loss(hidden: torch.Tensor, target: torch.Tensor,
     """
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor; got {type(hidden).__name__}")
-    name = _resolve(requested_backend(backend), hidden.device, _call_dtype(hidden))
+    name = _resolve(requested_backend(backend), hidden.device, compute_dtype(hidden))
     kwargs = dict(hidden_grid=hidden_grid, target_grid=target_grid,
                   target_prefix_tokens=target_prefix_tokens)
     if name == "triton":

@@ -39,7 +39,7 @@ from ..kernels.cosine import (COSINE_CONFIGS, cosine_finish_kernel, project_cosi
 from ..kernels.linear_silu import linear_bias_silu_kernel, linear_grad_silu_kernel
 from ..kernels.tuning import GEMM_CONFIGS, INTERPRET, m_bucket, min_block
 from .alignment_reference import _check_grid, _check_inputs, avg_pool_tokens, pool_ratio
-from .backends import _triton_problem
+from .backends import _triton_problem, compute_dtype
 
 FINISH_BLOCK = 128 if INTERPRET else 1024
 _EMPTY = (0,)
@@ -271,14 +271,6 @@ alignment_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- entry point
-
-def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
-    """The dtype the GEMMs run in: autocast's when autocast is on, else the hidden states'."""
-    kind = hidden.device.type
-    if torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return hidden.dtype
-
 
 def repa_alignment_loss_triton(hidden: torch.Tensor, target: torch.Tensor,
                                w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,

@@ -15,6 +15,15 @@ ENV_VAR = "REPA_FAST_OPS_BACKEND"
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the projector GEMMs run in: autocast's when autocast is on for the hidden
+    states' device, else their own."""
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return hidden.dtype
+
+
 def _reference_problem(device: Optional[torch.device] = None,
                        dtype: Optional[torch.dtype] = None) -> Optional[str]:
     return None  # plain PyTorch: runs on every device and dtype
