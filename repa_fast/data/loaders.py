@@ -190,7 +190,10 @@ class TorchLoader(_Loader):
         dataset = _BatchDataset(self.table, c, self.epoch, self.batch)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=c.num_workers, pin_memory=torch.cuda.is_available(),
-            prefetch_factor=2 if c.num_workers else None)
+            prefetch_factor=2 if c.num_workers else None,
+            # its own generator: starting workers must not draw from the global RNG, or a
+            # resumed training run would draw different noise from the uninterrupted one
+            generator=torch.Generator().manual_seed(c.seed))
         for epoch, batch, images, moments, labels, keys in loader:
             self._advance(epoch, batch)
             yield (images, moments, labels, keys) if c.return_keys else (images, moments, labels)

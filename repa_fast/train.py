@@ -1,0 +1,344 @@
+"""REPA training: ``python -m repa_fast.train`` (one process) or ``torchrun ... -m repa_fast.train``.
+
+One flat loop, the official recipe step for step::
+
+    x      = sample_posterior(moments)                      (latents from stored VAE moments)
+    zs     = [encoder(images) for each encoder]             (frozen, no grad)
+    loss   = velocity MSE + proj_coeff · proj_loss          (SILoss; fused alignment op)
+    clip grad norm, AdamW step, EMA update
+
+A step whose loss or gradient norm is not finite is skipped and counted; ``--max-nonfinite-
+steps`` in a row stop the run with the last good checkpoint intact. Checkpoints (atomic)
+resume exactly: same batches, same random draws, same losses. SIGTERM saves and exits.
+``--preset demo`` trains on a built-in shapes data set on the CPU in a few minutes.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from typing import Optional
+
+import torch
+
+from .training.checkpoint import (checkpoint_path, list_checkpoints, prune, resolve_resume,
+                                  rng_state, save_atomic, set_rng_state)
+from .training.config import TrainConfig, parse_args, save_config
+from .training.ema import EMA
+from .training.metrics import MetricsLog, flops_per_image, peak_tflops, truncate_after
+
+
+class Distributed:
+    """Rank and world size from ``torchrun`` (or a single process)."""
+
+    def __init__(self):
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.world_size > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def demo_encoder(resolution: int):
+    """A tiny random ViT (patch 8, width 64) standing in for DINOv2 in the demo."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from .encoders import EncoderSpec, FrozenEncoder
+    spec = EncoderSpec(name="demo", family="mae", timm_model="vit_tiny_demo", timm_kwargs=(),
+                       patch_size=8, embed_dim=64, num_prefix_tokens=1, final_norm=True,
+                       checkpoint="", url="(random weights: the demo encoder is never trained)")
+    torch.manual_seed(1234)  # the same targets in every demo run
+    backbone = VisionTransformer(img_size=resolution, patch_size=8, embed_dim=64, depth=2,
+                                 num_heads=2, num_classes=0)
+    return FrozenEncoder(spec, backbone, resolution)
+
+
+def build_encoders(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> list:
+    if config.enc_type == "demo":
+        return [demo_encoder(config.resolution).to(device)]
+    from .encoders import get_spec, load_encoder
+    names = config.enc_type.split(",")
+    weights = config.enc_weights.split(",")
+    if len(weights) == 1 and os.path.isdir(weights[0]):  # a folder of official file names
+        weights = [os.path.join(weights[0], get_spec(n).checkpoint) for n in names]
+    elif len(weights) == 1:
+        weights = weights * len(names)
+    if len(weights) != len(names):
+        raise ValueError(f"--enc-weights must name one file per encoder of --enc-type "
+                         f"({len(names)}), a folder, or 'random'; got {len(weights)}")
+    return [load_encoder(n, w, config.resolution, device=device, dtype=dtype)
+            for n, w in zip(names, weights)]
+
+
+def build_model(config: TrainConfig, in_channels: int, input_size: int, z_dims: list):
+    from .models import SiT_models
+    return SiT_models[config.model](
+        input_size=input_size, in_channels=in_channels, num_classes=config.num_classes,
+        use_cfg=config.cfg_prob > 0, class_dropout_prob=config.cfg_prob, z_dims=z_dims,
+        encoder_depth=config.encoder_depth, projector_dim=config.projector_dim,
+        qk_norm=config.qk_norm, fused_attn=config.fused_attn, attn_backend=config.attn_backend)
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def sample_grid(ema_model, noise: torch.Tensor, labels: torch.Tensor, latents_scale: float,
+                vae, path: str) -> None:
+    """EMA samples (50-step ODE, CFG 1.0) from fixed noise and labels, decoded, as one PNG."""
+    from PIL import Image
+
+    from .sampling import euler_sampler
+    x = euler_sampler(ema_model, noise, labels, num_steps=50).float()
+    if vae is None:  # pixel space
+        images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    else:
+        from .vae import decode
+        images = decode(vae, x, latents_scale)
+    n = images.shape[0]
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    c, h, w = images.shape[1:]
+    grid = torch.zeros(c, rows * h, cols * w, dtype=torch.uint8)
+    for i, image in enumerate(images.cpu()):
+        grid[:, (i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
+    """Run training; returns the last logged metrics."""
+    from .data import LoaderConfig, make_loader, read_index
+    from .transport import SILoss
+    from .vae import sample_posterior
+
+    dist = dist or Distributed()
+    config.check(dist.world_size)
+    device = dist.device
+    run_dir = os.path.join(config.output_dir, config.exp_name)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # data
+    data_dir = config.data_dir
+    if data_dir == "demo":
+        from .data.demo import make_demo_dataset
+        data_dir = os.path.join(config.output_dir, "demo-data")
+        if dist.main:
+            make_demo_dataset(data_dir, size=config.resolution)
+        dist.barrier()
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"--data-dir {data_dir!r} does not exist: prepare it with "
+                                f"python -m repa_fast.data.prepare, or use --preset demo")
+    index = read_index(data_dir)
+    if index["resolution"] != config.resolution:
+        raise ValueError(f"--resolution {config.resolution} does not match the data set in "
+                         f"{data_dir} ({index['resolution']} px)")
+    pixel_space = index["vae"]["fingerprint"] == "pixel space"
+    latents_scale = float(index["vae"]["scaling_factor"])
+    in_channels = int(index["vae"]["latent_channels"])
+    input_size = config.resolution if pixel_space else config.resolution // 8
+    loader = make_loader(LoaderConfig(
+        data_dir, batch_size=config.batch_size // dist.world_size, rank=dist.rank,
+        world_size=dist.world_size, seed=config.seed, num_workers=config.num_workers,
+        backend=config.data_backend))
+
+    # models
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    enc_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with warnings.catch_warnings():
+        if config.enc_type == "demo":
+            warnings.simplefilter("ignore")
+        encoders = build_encoders(config, device, enc_dtype)
+    model = build_model(config, in_channels, input_size, [e.embed_dim for e in encoders])
+    model = model.to(device).train()
+    ema = EMA(model, config.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+                                  fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16")
+    wrapped = model
+    if dist.world_size > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(wrapped) if config.compile else wrapped
+    loss_fn = SILoss(prediction=config.prediction, path_type=config.path_type,
+                     weighting=config.weighting, fused=config.fused_loss)
+    vae = None
+    if config.vae and not pixel_space:
+        from .vae import load_vae
+        vae = load_vae(config.vae, device=device)
+
+    # resume
+    step = 0
+    resume = resolve_resume(config.resume, ckpt_dir)
+    if resume:
+        state = torch.load(resume, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["opt"])
+        loader.load_state_dict(state["loader"])
+        step = int(state["steps"])
+        rng = state["rng"]
+    else:
+        ema.update(model, decay=0.0)
+    if dist.main:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        save_config(config, os.path.join(run_dir, "config.json"))
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if dist.main and resume:
+        truncate_after(metrics_path, step)
+    log = MetricsLog(metrics_path if dist.main else None)
+    # fixed noise and labels for sample grids (drawn before the training RNG state matters)
+    gen = torch.Generator().manual_seed(config.seed)
+    grid_noise = torch.randn(16, in_channels, input_size, input_size, generator=gen).to(device)
+    grid_labels = (torch.arange(16) % config.num_classes).to(device)
+    # every rank draws different noise and times, as the official seed·world + rank
+    torch.manual_seed(config.seed * dist.world_size + dist.rank)
+    if resume:
+        set_rng_state(rng)
+
+    def save(at: int) -> None:
+        if dist.main:
+            save_atomic(dict(model=model.state_dict(), ema=ema.state_dict(),
+                             opt=optimizer.state_dict(), args=config.to_dict(), steps=at,
+                             rng=rng_state(), loader=loader.state_dict()),
+                        checkpoint_path(ckpt_dir, at))
+            prune(ckpt_dir, config.keep_last)
+        dist.barrier()
+
+    stop = {"signal": None}
+
+    def on_sigterm(signum, frame):
+        stop["signal"] = signum
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if dist.main or True else None
+    flops = flops_per_image(model)
+    peak = peak_tflops(device)
+    from tqdm import tqdm
+    bar = tqdm(total=config.max_train_steps, initial=step, disable=not dist.main,
+               dynamic_ncols=True, desc=config.exp_name)
+    sums = torch.zeros(3, device=device)  # loss, proj_loss, grad_norm since the last log
+    logged, nonfinite_run, skipped_total = {}, 0, 0
+    window_start, window_images, data_wait = time.perf_counter(), 0, 0.0
+    batches = iter(loader)
+    try:
+        while step < config.max_train_steps:
+            t0 = time.perf_counter()
+            images, moments, labels = next(batches)
+            data_wait += time.perf_counter() - t0
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with torch.no_grad():
+                x = sample_posterior(moments.to(device, non_blocking=True), latents_scale)
+                with autocast(config, device):
+                    zs = [encoder(images) for encoder in encoders]
+            with autocast(config, device):
+                loss, proj_loss = loss_fn(forward, x, dict(y=labels), zs=zs)
+                loss_mean, proj_mean = loss.mean(), proj_loss.mean()
+                total = loss_mean + config.proj_coeff * proj_mean
+            scaler.scale(total).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            # the one sync per step: skipping a non-finite step needs a host decision
+            finite = bool(torch.isfinite(total) & torch.isfinite(grad_norm))
+            if finite:
+                scaler.step(optimizer)
+                scaler.update()
+                ema.update(model)
+                nonfinite_run = 0
+            else:
+                nonfinite_run += 1
+                skipped_total += 1
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if not finite and nonfinite_run >= config.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{nonfinite_run} steps in a row had a non-finite loss or gradient (last "
+                    f"at step {step + 1}); stopping. The last good checkpoint is in {ckpt_dir} "
+                    f"(steps {list_checkpoints(ckpt_dir)}); lower --learning-rate or check "
+                    f"the data, then --resume auto")
+            if not finite:
+                continue  # a skipped step does not count
+            step += 1
+            window_images += images.shape[0] * dist.world_size
+            sums += torch.stack([loss_mean.detach().float(), proj_mean.detach().float(),
+                                 grad_norm.detach().float()])
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.max_train_steps:
+                n = config.log_every if step % config.log_every == 0 else step % config.log_every
+                values = (sums / n).tolist()
+                sums.zero_()
+                elapsed = time.perf_counter() - window_start
+                ips = window_images / elapsed
+                logged = dict(step=step, loss=values[0], proj_loss=values[1],
+                              grad_norm=values[2], images_per_sec=ips,
+                              data_wait_frac=data_wait / elapsed, skipped_steps=skipped_total,
+                              lr=config.learning_rate)
+                if peak:
+                    logged["mfu"] = ips * flops / dist.world_size / (peak * 1e12)
+                log.write(logged)
+                bar.set_postfix(loss=f"{values[0]:.4f}", proj=f"{values[1]:.4f}",
+                                img_s=f"{ips:.0f}")
+                window_start, window_images, data_wait = time.perf_counter(), 0, 0.0
+            if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
+                save(step)
+            if dist.main and (step % config.sampling_steps == 0 or step == config.max_train_steps):
+                sample_grid(ema.model, grid_noise, grid_labels, latents_scale, vae,
+                            os.path.join(run_dir, "samples", f"{step:07d}.png"))
+            if stop["signal"] is not None:
+                if list_checkpoints(ckpt_dir)[-1:] != [step]:
+                    save(step)
+                bar.write(f"signal {stop['signal']}: saved step {step} and stopped")
+                break
+    finally:
+        bar.close()
+        log.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return logged
+
+
+def main(argv=None) -> int:
+    try:
+        config = parse_args(argv)
+        dist = Distributed()
+        config.check(dist.world_size)
+        logged = train(config, dist)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except FloatingPointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    if logged and int(os.environ.get("RANK", 0)) == 0:
+        run = os.path.join(config.output_dir, config.exp_name)
+        print(f"done: step {logged['step']}, loss {logged['loss']:.4f}, proj_loss "
+              f"{logged['proj_loss']:.4f}; checkpoints, samples and metrics.jsonl in {run}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

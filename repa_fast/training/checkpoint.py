@@ -1,0 +1,80 @@
+"""Checkpoints: atomic writes, the official layout, keep-last, resume look-up.
+
+``<output-dir>/<exp-name>/checkpoints/NNNNNNN.pt`` holds what the official ``generate.py``
+loads — ``model``, ``ema``, ``args`` (a plain dict, so ``torch.load(weights_only=True)``
+works), ``steps`` — plus ``opt``, ``rng`` and ``loader`` so a resumed run continues exactly.
+Each file is written to ``.tmp``, flushed to disk and renamed: a crash during a save leaves the
+previous checkpoints as they were.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+import torch
+
+_NAME = re.compile(r"^(\d{7})\.pt$")
+
+
+def save_atomic(obj, path: str) -> None:
+    """Write ``obj`` to ``path`` so that ``path`` is either the old file or the complete new one."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def checkpoint_path(directory: str, step: int) -> str:
+    return os.path.join(directory, f"{step:07d}.pt")
+
+
+def list_checkpoints(directory: str) -> list[int]:
+    """Steps of the complete checkpoints in ``directory``, ascending."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(m.group(1)) for m in map(_NAME.match, os.listdir(directory)) if m)
+
+
+def prune(directory: str, keep_last: Optional[int]) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (None: keep all)."""
+    if keep_last is None:
+        return
+    for step in list_checkpoints(directory)[:-keep_last]:
+        os.remove(checkpoint_path(directory, step))
+
+
+def resolve_resume(resume: Optional[str], directory: str) -> Optional[str]:
+    """``--resume``: ``auto`` (the newest here, or start fresh), a step, or a file path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        steps = list_checkpoints(directory)
+        return checkpoint_path(directory, steps[-1]) if steps else None
+    if resume.isdigit():
+        path = checkpoint_path(directory, int(resume))
+    else:
+        path = resume
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint at {path} (have steps "
+                                f"{list_checkpoints(directory)} in {directory})")
+    return path
+
+
+def rng_state() -> dict:
+    state = dict(torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
