@@ -66,7 +66,7 @@ def report() -> str:
     lines.append("data loader backends:")
     lines.append("  dali       " + (f"available, decodes {decode}" if problem is None
                                     else f"unavailable: {problem}"))
-    lines.append("  torch      available (worker processes, torchvision decode)")
+    lines.append("  torch      available (worker processes, Pillow decode)")
     lines.append(f"  auto picks {'dali' if problem is None else 'torch'}")
     return "\n".join(lines)
 

@@ -247,3 +247,44 @@ def test_dali_and_torch_loaders_agree(prepared, world_size):
         assert torch.equal(d[1], t[1])           # moments
         assert d[0].shape == t[0].shape and d[0].dtype == torch.uint8
         assert (d[0].int() - t[0].int()).abs().max() <= 2  # two JPEG decoders
+
+
+def test_resume_with_other_settings_is_refused(prepared, image_folder, tiny_vae):
+    dest, _ = prepared
+    for change, name in ((dict(resolution=64), "resolution"), (dict(shard_size=5), "shard_size"),
+                         (dict(max_images=7), "entries")):
+        config = dict(source=str(image_folder), dest=str(dest), resolution=RES, vae=tiny_vae,
+                      shard_size=4, workers=0)
+        config.update(change)
+        with pytest.raises(ValueError, match=f"other settings .*{name}"):
+            prepare(PrepareConfig(**config), progress=False)
+    (dest / ".prepare.lock").write_text("123")
+    try:
+        with pytest.raises(ValueError, match="another prepare run is writing"):
+            prepare(PrepareConfig(source=str(image_folder), dest=str(dest), resolution=RES,
+                                  vae=tiny_vae, shard_size=4, workers=0), progress=False)
+    finally:
+        os.remove(dest / ".prepare.lock")
+
+
+def test_linked_class_folders_are_followed(image_folder, tmp_path):
+    from repa_fast.data.sources import open_source
+    root = tmp_path / "linked"
+    root.mkdir()
+    for name in ("n01", "n02"):
+        os.symlink(image_folder / name, root / name)
+    source = open_source(str(root))
+    assert len(source.entries) == 9 and {e.label for e in source.entries} == {0, 1}
+
+
+def test_few_open_files_and_tiny_datasets(prepared, monkeypatch):
+    import repa_fast.data.loaders as loaders
+    dest, _ = prepared
+    monkeypatch.setattr(loaders, "MAX_OPEN", 1)  # every shard switch closes a file
+    config = LoaderConfig(str(dest), batch_size=4, seed=1, num_workers=0, backend="torch",
+                          return_keys=True)
+    keys = [k for batch in collect(make_loader(config), 3) for k in batch[3]]
+    assert sorted(keys) == sorted({*keys}) and len(keys) == 12
+    for world in (5, 7):  # more ranks than samples: every rank still gets its share
+        parts = [epoch_order(2, 0, 0, r, world, True) for r in range(world)]
+        assert all(len(p) == 1 for p in parts)

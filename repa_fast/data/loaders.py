@@ -33,6 +33,7 @@ import torch
 from .shards import read_index
 
 BACKENDS = ("auto", "dali", "torch")
+MAX_OPEN = 32  # open shard files per reader
 
 
 @dataclass
@@ -86,11 +87,16 @@ class SampleTable:
         return len(self.label)
 
     def read(self, i: int, handles: dict) -> tuple[bytes, bytes]:
-        """Encoded image and moments bytes of sample ``i`` (``handles``: open shard files)."""
+        """Encoded image and moments bytes of sample ``i``. ``handles`` keeps the most
+        recently used shard files open (at most MAX_OPEN: ImageNet has over a thousand
+        shards, more than the usual limit of open files)."""
         s = int(self.shard[i])
-        f = handles.get(s)
+        f = handles.pop(s, None)  # re-inserted below: the dict's order is the recency order
         if f is None:
-            f = handles[s] = open(os.path.join(self.data_dir, self.shards[s]), "rb")
+            if len(handles) >= MAX_OPEN:
+                handles.pop(next(iter(handles))).close()
+            f = open(os.path.join(self.data_dir, self.shards[s]), "rb")
+        handles[s] = f
         f.seek(int(self.image_offset[i]))
         image = f.read(int(self.image_size[i]))
         f.seek(int(self.latent_offset[i]))
@@ -122,7 +128,7 @@ def epoch_order(num_samples: int, seed: int, epoch: int, rank: int, world_size: 
     order = (np.random.default_rng([seed, epoch]).permutation(num_samples) if shuffle
              else np.arange(num_samples))
     total = -(-num_samples // world_size) * world_size
-    order = np.concatenate([order, order[:total - num_samples]])
+    order = np.resize(order, total)  # pads by repeating from the start, however short
     return order[rank::world_size]
 
 
@@ -181,7 +187,7 @@ class _Loader:
 
 
 class TorchLoader(_Loader):
-    """PyTorch fallback: worker processes read and decode (``torchvision.io.decode_image``)."""
+    """PyTorch fallback: worker processes read and decode (Pillow, libjpeg-turbo)."""
 
     backend = "torch"
 
@@ -207,7 +213,7 @@ class _BatchDataset(torch.utils.data.IterableDataset):
         self.table, self.config, self.start = table, config, (epoch, batch)
 
     def __iter__(self):
-        from torchvision.io import ImageReadMode, decode_image
+        from PIL import Image
 
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -218,8 +224,8 @@ class _BatchDataset(torch.utils.data.IterableDataset):
             images, moments = [], []
             for i in ids:
                 image, latent = self.table.read(int(i), handles)
-                data = torch.frombuffer(bytearray(image), dtype=torch.uint8)
-                images.append(decode_image(data, mode=ImageReadMode.RGB))
+                pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+                images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
                 moments.append(torch.from_numpy(decode_latent(latent)))
             yield (epoch, batch, torch.stack(images), torch.stack(moments),
                    torch.from_numpy(self.table.label[ids].copy()),

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -28,6 +30,8 @@ from .shards import FORMAT, INDEX, ShardWriter, finished_shard, shard_name, writ
 from .sources import OfficialSource, open_source
 
 REPORT = "report.json"
+MANIFEST = "prepare.json"   # what the shards were planned from; a resumed run must match it
+LOCK = ".prepare.lock"
 
 
 @dataclass
@@ -116,46 +120,113 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
     os.makedirs(config.dest, exist_ok=True)
     plan = _shards(entries, config.shard_size)
     todo = [i for i in range(len(plan)) if finished_shard(config.dest, i) is None]
-    latents = _Latents(config, source)
     image_format = "png" if isinstance(source, OfficialSource) else config.image_format
-    work = partial(process_entry, source, resolution=config.resolution,
-                   image_format=image_format, quality=config.jpeg_quality)
+    job = dict(resolution=config.resolution, image_format=image_format,
+               quality=config.jpeg_quality)
+    with _DestLock(config.dest):
+        _check_manifest(config, source, len(entries), image_format)
+        latents = _Latents(config, source) if todo or not os.path.exists(
+            os.path.join(config.dest, INDEX)) else None
+        from tqdm import tqdm
+        bar = tqdm(total=sum(len(plan[i]) for i in todo), unit="img", disable=not progress,
+                   desc=f"preparing {len(todo)}/{len(plan)} shards", dynamic_ncols=True)
+        # workers receive the source once (initializer), then only entries: a source with a
+        # million entries pickled per task would cost more than the images themselves
+        pool = (ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_init_worker, initargs=(source, job))
+                if config.workers else None)
+        if pool is None:
+            _init_worker(source, job)
+        try:
+            for i in todo:
+                results = (pool.map(_work, plan[i], chunksize=16) if pool
+                           else map(_work, plan[i]))
+                writer = ShardWriter(config.dest, i)
+                try:
+                    skipped, pending = [], []
+                    for entry, data, pixels, error in results:
+                        bar.update(1)
+                        if error is not None:
+                            skipped.append(dict(key=entry.key, name=entry.name, error=error))
+                            continue
+                        pending.append((entry, data, pixels))
+                        if len(pending) == config.vae_batch_size:
+                            _flush(writer, pending, latents, image_format)
+                            pending = []
+                    _flush(writer, pending, latents, image_format)
+                    writer.commit(skipped)
+                except BrokenProcessPool as error:
+                    writer.abort()
+                    raise RuntimeError(
+                        f"a worker process died while preparing {shard_name(i)} (killed for "
+                        f"memory, or a decoder crashed on an image among "
+                        f"{plan[i][0].name} .. {plan[i][-1].name}); finished shards are kept: "
+                        f"rerun the same command to continue, with fewer --workers if memory "
+                        f"ran out") from error
+                except BaseException:
+                    writer.abort()  # leaves no half-written shard behind
+                    raise
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        identity = latents.identity if latents else _read_json(config.dest, INDEX)["vae"]
+        return _write_index(config, source, plan, identity, image_format)
 
-    from tqdm import tqdm
-    bar = tqdm(total=sum(len(plan[i]) for i in todo), unit="img", disable=not progress,
-               desc=f"preparing {len(todo)}/{len(plan)} shards", dynamic_ncols=True)
-    pool = (multiprocessing.get_context("spawn").Pool(config.workers) if config.workers else None)
-    try:
-        for i in todo:
-            results = (pool.imap(_run, [(work, e) for e in plan[i]], chunksize=4) if pool
-                       else map(_run, [(work, e) for e in plan[i]]))
-            writer = ShardWriter(config.dest, i)
-            try:
-                skipped, pending = [], []
-                for entry, data, pixels, error in results:
-                    bar.update(1)
-                    if error is not None:
-                        skipped.append(dict(key=entry.key, name=entry.name, error=error))
-                        continue
-                    pending.append((entry, data, pixels))
-                    if len(pending) == config.vae_batch_size:
-                        _flush(writer, pending, latents, image_format)
-                        pending = []
-                _flush(writer, pending, latents, image_format)
-                writer.commit(skipped)
-            except BaseException:
-                writer.abort()  # leaves no half-written shard behind
-                raise
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-    return _write_index(config, source, plan, latents.identity, image_format)
+
+_WORKER: dict = {}
 
 
-def _run(job):
-    work, entry = job
-    return work(entry)
+def _init_worker(source, job: dict) -> None:
+    _WORKER.update(source=source, job=job)
+
+
+def _work(entry):
+    return process_entry(_WORKER["source"], entry, **_WORKER["job"])
+
+
+def _read_json(directory: str, name: str) -> dict:
+    with open(os.path.join(directory, name)) as f:
+        return json.load(f)
+
+
+def _check_manifest(config: PrepareConfig, source, count: int, image_format: str) -> None:
+    """First run: record what the shards are planned from. Later runs: refuse to mix shards
+    of a different plan into the same folder (missing samples, mixed sizes)."""
+    plan = dict(source=os.path.abspath(config.source), entries=count,
+                resolution=config.resolution, image_format=image_format,
+                jpeg_quality=config.jpeg_quality, shard_size=config.shard_size,
+                max_images=config.max_images, vae=os.path.abspath(config.vae) if config.vae else None)
+    path = os.path.join(config.dest, MANIFEST)
+    if not os.path.exists(path):
+        write_json_atomic(path, plan)
+        return
+    old = _read_json(config.dest, MANIFEST)
+    differ = [f"{k}: {old.get(k)!r} before, {v!r} now" for k, v in plan.items() if old.get(k) != v]
+    if differ:
+        raise ValueError(f"--dest {config.dest} holds shards prepared with other settings ("
+                         + "; ".join(differ) + "). Use the same options to continue that run, "
+                         "or a new --dest")
+
+
+class _DestLock:
+    """One preparation per --dest at a time (two would overwrite each other's shards)."""
+
+    def __init__(self, dest: str):
+        self.path = os.path.join(dest, LOCK)
+
+    def __enter__(self):
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            raise ValueError(f"another prepare run is writing to this --dest ({self.path} "
+                             f"exists); if none is running, delete that file") from None
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        os.remove(self.path)
 
 
 def _flush(writer: ShardWriter, pending: list, latents: _Latents, image_format: str) -> None:

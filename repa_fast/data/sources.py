@@ -76,7 +76,7 @@ class FolderSource(Source):
     def __init__(self, path: str):
         super().__init__(path)
         names = []
-        for root, _, files in os.walk(path):
+        for root, _, files in os.walk(path, followlinks=True):  # linked class folders too
             names += [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
                       for f in files if _is_image(f)]
         names.sort()
@@ -121,14 +121,18 @@ class OfficialSource(FolderSource):
         Source.__init__(self, path)
         images_dir, latents_dir = os.path.join(path, "images"), os.path.join(path, "vae-sd")
         images = sorted(os.path.relpath(os.path.join(r, f), images_dir).replace(os.sep, "/")
-                        for r, _, fs in os.walk(images_dir) for f in fs if _is_image(f))
+                        for r, _, fs in os.walk(images_dir, followlinks=True) for f in fs if _is_image(f))
         latents = sorted(os.path.relpath(os.path.join(r, f), latents_dir).replace(os.sep, "/")
-                         for r, _, fs in os.walk(latents_dir) for f in fs if f.endswith(".npy"))
+                         for r, _, fs in os.walk(latents_dir, followlinks=True) for f in fs
+                         if f.endswith(".npy"))
         if len(images) != len(latents):
             raise ValueError(f"{path}: images/ has {len(images)} images but vae-sd/ has "
                              f"{len(latents)} latents; they must pair up in sorted order")
         with open(os.path.join(latents_dir, "dataset.json"), "rb") as f:
-            listed = _listed_labels(f.read()) or {}
+            listed = _listed_labels(f.read())
+        if not listed:  # folder names here are chunk numbers, not classes
+            raise ValueError(f"{latents_dir}/dataset.json has no labels; REPA trains "
+                             f"class-conditionally and needs them")
         labels = _labels(latents, listed)
         self.entries = [Entry(f"{i:08d}", "images/" + n, lab, "vae-sd/" + lat)
                         for i, (n, lat, lab) in enumerate(zip(images, latents, labels))]
