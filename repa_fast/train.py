@@ -93,7 +93,8 @@ def build_model(config: TrainConfig, in_channels: int, input_size: int, z_dims: 
         input_size=input_size, in_channels=in_channels, num_classes=config.num_classes,
         use_cfg=config.cfg_prob > 0, class_dropout_prob=config.cfg_prob, z_dims=z_dims,
         encoder_depth=config.encoder_depth, projector_dim=config.projector_dim,
-        qk_norm=config.qk_norm, fused_attn=config.fused_attn, attn_backend=config.attn_backend)
+        qk_norm=config.qk_norm, fused_attn=config.fused_attn, attn_backend=config.attn_backend,
+        grad_checkpointing=config.grad_checkpointing)
 
 
 def autocast(config: TrainConfig, device: torch.device):

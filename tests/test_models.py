@@ -289,3 +289,21 @@ def test_full_size_model_equals_official_at_256px(seed, name):
                                            num_heads=model.num_heads, encoder_depth=8)
     assert (out - ref_out).abs().max() <= 1e-5 * max(1.0, ref_out.abs().max().item())
     assert (zs[0] - ref_zs[0]).abs().max() <= 1e-5 * max(1.0, ref_zs[0].abs().max().item())
+
+
+def test_grad_checkpointing_gives_the_same_gradients(seed):
+    from repa_fast.models import SiT
+    kwargs = dict(input_size=8, hidden_size=48, depth=3, num_heads=4, encoder_depth=2,
+                  num_classes=5, z_dims=[16], projector_dim=32)
+    plain = SiT(**kwargs)
+    ckpt = SiT(**kwargs, grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 4])
+    grads = []
+    for model in (plain, ckpt):
+        torch.manual_seed(seed)  # same label dropout
+        out, zs = model(x, t, y)
+        (out.square().mean() + zs[0].mean()).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

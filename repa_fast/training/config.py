@@ -34,6 +34,7 @@ class TrainConfig:
     resolution: int = 256
     attn_backend: str = "auto"
     compile: bool = False
+    grad_checkpointing: bool = False
     # REPA
     enc_type: str = "dinov2-vit-b"
     enc_weights: str = "ckpts"            # a folder with the official file names, or files, or "random"
