@@ -1,4 +1,5 @@
-"""REPA training: ``python -m repa_fast.train`` (one process) or ``torchrun ... -m repa_fast.train``.
+"""REPA training: ``python -m repa_fast.train`` (one process), ``torchrun ... -m repa_fast.train``
+(DDP), or ``deepspeed repa_fast/train.py --ds_config configs/ds/zero2.json ...`` (ZeRO 1-3).
 
 One flat loop, the official recipe step for step::
 
@@ -23,6 +24,10 @@ import warnings
 from typing import Optional
 
 import torch
+
+if __name__ == "__main__" and not __package__:  # run as a file: deepspeed repa_fast/train.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "repa_fast"
 
 from .training.checkpoint import (checkpoint_path, list_checkpoints, prune, resolve_resume,
                                   rng_state, save_atomic, set_rng_state)
@@ -175,15 +180,35 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     model = build_model(config, in_channels, input_size, [e.embed_dim for e in encoders])
     model = model.to(device).train()
     ema = EMA(model, config.ema_decay)
+    resume = resolve_resume(config.resume, ckpt_dir)
+    state = torch.load(resume, map_location="cpu", weights_only=True) if resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+    else:
+        ema.update(model, decay=0.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
                                   fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16")
-    wrapped = model
-    if dist.world_size > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16"
+                                  and not config.ds_config)
+    zero = None
+    ds_dir = os.path.join(ckpt_dir, "deepspeed")
+    if config.ds_config:
+        from .training.zero import ZeroEngine, load_ds_config
+        zero = ZeroEngine(model, optimizer, load_ds_config(config.ds_config, config,
+                                                           dist.world_size, device))
+        wrapped = zero.engine
+        if state is not None:
+            zero.load(ds_dir, int(state["steps"]))
+    else:
+        wrapped = model
+        if dist.world_size > 1:
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if state is not None:
+            optimizer.load_state_dict(state["opt"])
     forward = torch.compile(wrapped) if config.compile else wrapped
     loss_fn = SILoss(prediction=config.prediction, path_type=config.path_type,
                      weighting=config.weighting, fused=config.fused_loss)
@@ -194,17 +219,9 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
 
     # resume
     step = 0
-    resume = resolve_resume(config.resume, ckpt_dir)
-    if resume:
-        state = torch.load(resume, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["opt"])
+    if state is not None:
         loader.load_state_dict(state["loader"])
         step = int(state["steps"])
-        rng = state["rng"]
-    else:
-        ema.update(model, decay=0.0)
     if dist.main:
         os.makedirs(ckpt_dir, exist_ok=True)
         save_config(config, os.path.join(run_dir, "config.json"))
@@ -218,14 +235,27 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     grid_labels = (torch.arange(16) % config.num_classes).to(device)
     # every rank draws different noise and times, as the official seed·world + rank
     torch.manual_seed(config.seed * dist.world_size + dist.rank)
-    if resume:
-        set_rng_state(rng)
+    if state is not None:
+        rngs = state["rng"]
+        if len(rngs) != dist.world_size:
+            raise ValueError(f"--resume: {resume} was saved by {len(rngs)} processes, this run "
+                             f"has {dist.world_size}; exact resume needs the same number")
+        set_rng_state(rngs[dist.rank])
+        del state
 
     def save(at: int) -> None:
+        # every rank's RNG state: each draws its own noise and times
+        rngs = [rng_state()]
+        if dist.world_size > 1:
+            rngs = [None] * dist.world_size
+            torch.distributed.all_gather_object(rngs, rng_state())
+        weights = zero.full_state_dict() if zero else model.state_dict()
+        if zero:
+            zero.save(ds_dir, at)  # optimizer partitions (collective)
         if dist.main:
-            save_atomic(dict(model=model.state_dict(), ema=ema.state_dict(),
-                             opt=optimizer.state_dict(), args=config.to_dict(), steps=at,
-                             rng=rng_state(), loader=loader.state_dict()),
+            save_atomic(dict(model=weights, ema=ema.state_dict(), args=config.to_dict(),
+                             steps=at, rng=rngs, loader=loader.state_dict(),
+                             **({} if zero else dict(opt=optimizer.state_dict()))),
                         checkpoint_path(ckpt_dir, at))
             prune(ckpt_dir, config.keep_last)
         dist.barrier()
@@ -235,7 +265,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     def on_sigterm(signum, frame):
         stop["signal"] = signum
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if dist.main or True else None
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     flops = flops_per_image(model)
     peak = peak_tflops(device)
     from tqdm import tqdm
@@ -260,21 +290,30 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
                 loss, proj_loss = loss_fn(forward, x, dict(y=labels), zs=zs)
                 loss_mean, proj_mean = loss.mean(), proj_loss.mean()
                 total = loss_mean + config.proj_coeff * proj_mean
-            scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            # the one sync per step: skipping a non-finite step needs a host decision
-            finite = bool(torch.isfinite(total) & torch.isfinite(grad_norm))
-            if finite:
-                scaler.step(optimizer)
+            if zero is not None:
+                # DeepSpeed steps inside backward_and_step: decide on the loss before it
+                finite = bool(torch.isfinite(total))
+                if finite:
+                    grad_norm = zero.backward_and_step(total).to(device)
+                    with zero.gathered():
+                        ema.update(zero.module)
+            else:
+                scaler.scale(total).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                           config.max_grad_norm)
+                # the one sync per step: skipping a non-finite step needs a host decision
+                finite = bool(torch.isfinite(total) & torch.isfinite(grad_norm))
+                if finite:
+                    scaler.step(optimizer)
+                    ema.update(model)
                 scaler.update()
-                ema.update(model)
+                optimizer.zero_grad(set_to_none=True)
+            if finite:
                 nonfinite_run = 0
             else:
                 nonfinite_run += 1
                 skipped_total += 1
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
             if not finite and nonfinite_run >= config.max_nonfinite_steps:
                 raise FloatingPointError(
                     f"{nonfinite_run} steps in a row had a non-finite loss or gradient (last "

@@ -294,7 +294,7 @@ class _ModelRegistry(dict):
 # name: (depth, hidden_size, num_heads); "T" (tiny) is not an official size: it is for the
 # CPU demo and tests.
 _CONFIGS = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6),
-            "T": (6, 192, 3)}
+            "T": (8, 128, 2)}
 
 
 def _make_builder(depth: int, hidden_size: int, num_heads: int, patch_size: int):

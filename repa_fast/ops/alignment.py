@@ -85,9 +85,17 @@ class REPAProjector(nn.Sequential):
         return (self[0].weight, self[0].bias, self[2].weight, self[2].bias,
                 self[4].weight, self[4].bias)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return project(hidden, *self.weights())
+    def forward(self, hidden: torch.Tensor, target: Optional[torch.Tensor] = None,
+                **kwargs) -> torch.Tensor:
+        """The projected tokens (official behaviour), or with ``target`` the alignment loss.
+
+        The loss goes through ``forward`` too, so module hooks (DDP, DeepSpeed ZeRO-3, which
+        gathers a module's weights when it is called) see the weights being used.
+        """
+        if target is None:
+            return project(hidden, *self.weights())
+        return repa_alignment_loss(hidden, target, *self.weights(), **kwargs)
 
     def alignment_loss(self, hidden: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
-        """``repa_alignment_loss(hidden, target, *self.weights(), **kwargs)``."""
-        return repa_alignment_loss(hidden, target, *self.weights(), **kwargs)
+        """``repa_alignment_loss(hidden, target, *self.weights(), **kwargs)``, as a module call."""
+        return self(hidden, target, **kwargs)

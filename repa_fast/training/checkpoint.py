@@ -43,11 +43,14 @@ def list_checkpoints(directory: str) -> list[int]:
 
 
 def prune(directory: str, keep_last: Optional[int]) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints (None: keep all)."""
+    """Delete all but the newest ``keep_last`` checkpoints (None: keep all), with their
+    DeepSpeed partitions (``deepspeed/NNNNNNN``)."""
     if keep_last is None:
         return
+    import shutil
     for step in list_checkpoints(directory)[:-keep_last]:
         os.remove(checkpoint_path(directory, step))
+        shutil.rmtree(os.path.join(directory, "deepspeed", f"{step:07d}"), ignore_errors=True)
 
 
 def resolve_resume(resume: Optional[str], directory: str) -> Optional[str]:

@@ -60,6 +60,8 @@ class TrainConfig:
     # data
     num_workers: int = 4
     data_backend: str = "auto"            # auto | dali | torch
+    # DeepSpeed (launched with `deepspeed repa_fast/train.py --ds_config ...`)
+    ds_config: Optional[str] = None
     # checkpoints, logging, sampling
     checkpointing_steps: int = 50000
     keep_last: Optional[int] = None
@@ -111,14 +113,18 @@ def _flag(name: str) -> str:
 def parse_args(argv=None) -> TrainConfig:
     """Command line -> TrainConfig (preset first, explicit flags over it)."""
     parser = argparse.ArgumentParser(prog="repa_fast.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher; RANK env wins
     for f in fields(TrainConfig):  # annotations are strings (postponed evaluation)
         if f.type == "bool":
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
                                 default=None)
         else:
             kind = {"int": int, "Optional[int]": int, "float": float}.get(f.type, str)
-            parser.add_argument(_flag(f.name), type=kind, default=None)
+            names = [_flag(f.name)] + (["--ds_config"] if f.name == "ds_config" else [])
+            parser.add_argument(*names, dest=f.name, type=kind, default=None)
     args = vars(parser.parse_args(argv))
+    args.pop("local_rank")
     values = {}
     preset = args.get("preset")
     if preset is not None:

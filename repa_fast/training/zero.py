@@ -1,0 +1,105 @@
+"""DeepSpeed ZeRO for the training loop: config checking, the engine, ZeRO-3 weight gathering.
+
+``--ds_config configs/ds/zero2.json`` (any stage 0-3). ``"auto"`` values are filled from the
+flags: ``train_batch_size`` = ``--batch-size``, ``train_micro_batch_size_per_gpu`` = its share
+per process, ``gradient_clipping`` = ``--max-grad-norm``, ``bf16.enabled`` = ``--mixed-precision
+bf16``; explicit values must agree with the flags. With ZeRO-3 every rank holds only a shard of
+each weight, so the EMA update and the saved state gather them first
+(``GatheredParameters``): correct, at the cost of one all-gather of the weights per step.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import torch
+
+from .config import TrainConfig
+
+
+def load_ds_config(path: str, config: TrainConfig, world_size: int, device: torch.device) -> dict:
+    """The DeepSpeed config at ``path`` with ``auto`` values filled and checked against flags."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--ds_config {path!r} does not exist (stage 1-3 examples: "
+                                f"configs/ds/zero1.json, zero2.json, zero3.json)")
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--ds_config {path!r} is not valid JSON: {error}") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"--ds_config {path!r} must hold a JSON object; got {type(ds).__name__}")
+    wanted = dict(train_batch_size=config.batch_size,
+                  train_micro_batch_size_per_gpu=config.batch_size // world_size,
+                  gradient_accumulation_steps=1, gradient_clipping=config.max_grad_norm)
+    for key, value in wanted.items():
+        given = ds.get(key, "auto")
+        if given == "auto":
+            ds[key] = value
+        elif given != value:
+            raise ValueError(f"--ds_config {path}: {key} is {given}, but the flags give {value} "
+                             f"(--batch-size is global; gradient accumulation is not used); "
+                             f"set it to \"auto\"")
+    stage = ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"--ds_config {path}: zero_optimization.stage must be 0-3; got {stage}")
+    for name, dtype in (("bf16", "bf16"), ("fp16", "fp16")):
+        section = ds.setdefault(name, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = config.mixed_precision == dtype
+        elif section["enabled"] != (config.mixed_precision == dtype):
+            raise ValueError(f"--ds_config {path}: {name}.enabled is {section['enabled']} but "
+                             f"--mixed-precision is {config.mixed_precision}")
+    if ds["fp16"]["enabled"] and device.type == "cpu":
+        raise ValueError("--mixed-precision fp16 with DeepSpeed needs a GPU (DeepSpeed refuses "
+                         "fp16 on the CPU); use bf16 or no")
+    return ds
+
+
+class ZeroEngine:
+    """The DeepSpeed engine around the SiT, with the few calls the loop needs."""
+
+    def __init__(self, model, optimizer, ds_config: dict):
+        import deepspeed
+        if ds_config["zero_optimization"]["stage"] == 3:
+            # the fused alignment op reads all three projector layers' weights in one call,
+            # without calling the layers: ZeRO-3 must gather them when the projector is called
+            from ..ops import REPAProjector
+            deepspeed.utils.set_z3_leaf_modules(model, [REPAProjector])
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config)
+        self.stage = ds_config["zero_optimization"]["stage"]
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def gathered(self):
+        """Context in which every rank sees full weights (ZeRO-3), else nothing to do."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+    def backward_and_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward, clip (``gradient_clipping``), step; returns the pre-clip gradient norm."""
+        self.engine.backward(loss)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(float("nan") if norm is None else float(norm))
+
+    def full_state_dict(self) -> dict:
+        """All weights on every rank (gathered under ZeRO-3), on the CPU, in fp32."""
+        with self.gathered():
+            return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def save(self, directory: str, step: int) -> None:
+        """Optimizer and weight partitions (a collective: every rank calls it)."""
+        self.engine.save_checkpoint(directory, tag=f"{step:07d}")
+
+    def load(self, directory: str, step: int) -> None:
+        path, _ = self.engine.load_checkpoint(directory, tag=f"{step:07d}")
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {step:07d} in {directory} to "
+                                    f"resume the optimizer from")
