@@ -71,3 +71,14 @@ def bf16_matmul_peak_tflops() -> float:
         _MATMUL_PEAK["tflops"] = 2 * n ** 3 / min(times) / 1e12
     return _MATMUL_PEAK["tflops"]
 
+
+
+def official_projection_loss(zs, zs_tilde):
+    """The official loss.py: normalise and average sample by sample in Python."""
+    import torch.nn.functional as F
+    total = 0.0
+    for z, z_tilde in zip(zs, zs_tilde):
+        for z_j, z_tilde_j in zip(z, z_tilde):
+            total = total + (-(F.normalize(z_j, dim=-1) * F.normalize(z_tilde_j, dim=-1))
+                             .sum(dim=-1)).mean()
+    return total / (len(zs) * zs[0].shape[0])

@@ -12,24 +12,14 @@ always works; its numbers say nothing about GPU speed.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
-from bench_utils import DEVICE, ON_GPU, bf16_matmul_peak_tflops, timed
+from bench_utils import DEVICE, ON_GPU, bf16_matmul_peak_tflops, official_projection_loss, timed
 from repa_fast.models import SiT_models
 from repa_fast.training.ema import EMA
 from repa_fast.training.metrics import flops_per_image
 from repa_fast.transport import SILoss
 
 CASES = {"SiT-B/2": (64, 32, 4), "SiT-XL/2": (32, 32, 4)} if ON_GPU else {"SiT-T/4": (8, 16, 4)}
-
-
-def official_projection_loss(zs, zs_tilde):
-    total = 0.0
-    for z, z_tilde in zip(zs, zs_tilde):
-        for z_j, z_tilde_j in zip(z, z_tilde):
-            total = total + (-(F.normalize(z_j, dim=-1) * F.normalize(z_tilde_j, dim=-1))
-                             .sum(dim=-1)).mean()
-    return total / (len(zs) * zs[0].shape[0])
 
 
 class OfficialLoss(SILoss):
