@@ -208,6 +208,9 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
             wrapped = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         if state is not None:
+            if "opt" not in state:
+                raise ValueError(f"--resume: {resume} was written by a DeepSpeed run (its "
+                                 f"optimizer state is in {ds_dir}); resume it with --ds_config")
             optimizer.load_state_dict(state["opt"])
     forward = torch.compile(wrapped) if config.compile else wrapped
     loss_fn = SILoss(prediction=config.prediction, path_type=config.path_type,
