@@ -61,6 +61,24 @@ class Distributed:
             torch.distributed.barrier()
 
 
+def step_draws(config: TrainConfig, step: int, local_batch: int, shape: tuple, rank: int,
+               world_size: int):
+    """Times, noise, posterior noise and label-dropout flags of this rank's samples at
+    ``step``, drawn for the whole global batch from (seed, step) and sliced: sample i of the
+    global batch gets the same numbers whatever the number of processes (rank r holds
+    samples r, r + W, r + 2W, ... as the loader's order gives them), and a resumed run draws
+    exactly what the uninterrupted one did."""
+    from .transport.timesteps import sample_time
+    g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    total = local_batch * world_size
+    time_ = sample_time(total, config.weighting, config.path_type, generator=g)
+    noise = torch.randn((total, *shape), generator=g)
+    eps = torch.randn((total, *shape), generator=g)
+    drop = torch.rand(total, generator=g) < config.cfg_prob
+    mine = torch.arange(local_batch) * world_size + rank
+    return time_[mine], noise[mine], eps[mine], drop[mine]
+
+
 def demo_encoder(resolution: int):
     """A tiny random ViT (patch 8, width 64) standing in for DINOv2 in the demo."""
     from timm.models.vision_transformer import VisionTransformer
@@ -269,6 +287,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
         stop["signal"] = signum
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    x_shape = (in_channels, input_size, input_size)
     flops = flops_per_image(model)
     peak = peak_tflops(device)
     from tqdm import tqdm
@@ -285,12 +304,19 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
             data_wait += time.perf_counter() - t0
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
+            time_, noise, eps, drop = step_draws(config, step, labels.shape[0], x_shape,
+                                                 dist.rank, dist.world_size)
             with torch.no_grad():
-                x = sample_posterior(moments.to(device, non_blocking=True), latents_scale)
+                x = sample_posterior(moments.to(device, non_blocking=True), latents_scale,
+                                     noise=eps)
                 with autocast(config, device):
                     zs = [encoder(images) for encoder in encoders]
+            model_kwargs = dict(y=labels)
+            if config.cfg_prob > 0:
+                model_kwargs["force_drop_ids"] = drop.to(device, torch.int64)
             with autocast(config, device):
-                loss, proj_loss = loss_fn(forward, x, dict(y=labels), zs=zs)
+                loss, proj_loss = loss_fn(forward, x, model_kwargs, zs=zs, time=time_,
+                                          noise=noise)
                 loss_mean, proj_mean = loss.mean(), proj_loss.mean()
                 total = loss_mean + config.proj_coeff * proj_mean
             if zero is not None:
@@ -332,6 +358,9 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
             bar.update(1)
             if step % config.log_every == 0 or step == config.max_train_steps:
                 n = config.log_every if step % config.log_every == 0 else step % config.log_every
+                if dist.world_size > 1:  # the global batch's means, not this rank's
+                    torch.distributed.all_reduce(sums)
+                    sums /= dist.world_size
                 values = (sums / n).tolist()
                 sums.zero_()
                 elapsed = time.perf_counter() - window_start

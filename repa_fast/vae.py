@@ -92,10 +92,14 @@ def encode_moments(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Ten
 
 
 def sample_posterior(moments: torch.Tensor, latents_scale=SD_SCALE, latents_bias=0.0,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """``(mean + std·ε)·scale + bias`` from moments [B, 2·C, h, w], as the official train.py."""
+                     generator: Optional[torch.Generator] = None,
+                     noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(mean + std·ε)·scale + bias`` from moments [B, 2·C, h, w], as the official train.py;
+    ε is ``noise`` when given, else drawn (from ``generator`` when given)."""
     mean, std = torch.chunk(moments, 2, dim=1)
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    noise = noise.to(mean.device, mean.dtype)
     return (mean + std * noise) * latents_scale + latents_bias
 
 

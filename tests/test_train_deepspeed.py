@@ -75,3 +75,30 @@ def test_bad_ds_config_exits_2(tmp_path):
     proc = run(tmp_path, "--max-train-steps", "1", "--ds_config", str(tmp_path / "no.json"),
                check=False)
     assert proc.returncode == 2 and "no.json' does not exist" in proc.stderr
+
+
+def launch(out, launcher, *extra):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["DS_ACCELERATOR"] = "cpu"
+    port = str(free_port())
+    cmd = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+            "--master_port", port, str(ROOT / "repa_fast" / "train.py")]
+           if launcher == "deepspeed" else
+           [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", port, "-m", "repa_fast.train"])
+    proc = subprocess.run(cmd + ["--preset", "demo", "--output-dir", str(out), "--batch-size",
+                                 "8", "--max-train-steps", "4", "--sampling-steps", "100",
+                                 *extra], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, launcher):
+    """Random draws are made per global batch and sliced per rank, so 2 processes of 4
+    samples train exactly like 1 process of 8 (up to fp32 reduction order)."""
+    run(tmp_path / "one", "--max-train-steps", "4")
+    extra = ["--ds_config", str(CONFIGS / "zero2.json")] if launcher == "deepspeed" else []
+    launch(tmp_path / "two", launcher, *extra)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)

@@ -231,16 +231,17 @@ class SiT(nn.Module):
                                  f"[{lo}, {hi}]")
         return t
 
-    def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+    def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids=None):
         t = self._check_inputs(x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # [N, T, D]
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # [N, D]
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # [N, D]
         return x, c
 
-    def forward_with_hidden(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+    def forward_with_hidden(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+                            force_drop_ids: Optional[torch.Tensor] = None):
         """``(v, h)``: the velocity [N, C, H, W] and the hidden states [N, T, D] after block
         ``encoder_depth``, without running the projectors (for fused alignment losses)."""
-        x, c = self._embed(x, t, y)
+        x, c = self._embed(x, t, y, force_drop_ids)
         hidden = x
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -254,16 +255,17 @@ class SiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 return_logvar: bool = False, *, align_to: Optional[Sequence[torch.Tensor]] = None,
-                **align_kwargs):
+                force_drop_ids: Optional[torch.Tensor] = None, **align_kwargs):
         """``(v, zs)`` as the official model; ``return_logvar`` is accepted and ignored, as there.
 
         With ``align_to`` (one encoder's patch tokens [N, T', z_dims[k]] per projector):
         ``(v, proj_loss)``, where proj_loss is the mean over encoders of the fused alignment op
         (:func:`repa_fast.ops.repa_alignment_loss`, ``align_kwargs`` passed on) and the
         projected tokens are never materialised. Computing it inside ``forward`` keeps it under
-        DDP/DeepSpeed wrappers, which only see ``forward`` calls.
+        DDP/DeepSpeed wrappers, which only see ``forward`` calls. ``force_drop_ids`` (1 = use
+        the null class) replaces the random label dropout, as in the official LabelEmbedder.
         """
-        out, hidden = self.forward_with_hidden(x, t, y)
+        out, hidden = self.forward_with_hidden(x, t, y, force_drop_ids=force_drop_ids)
         if align_to is None:
             return out, [projector(hidden) for projector in self.projectors]
         if isinstance(align_to, torch.Tensor):

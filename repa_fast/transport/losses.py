@@ -94,11 +94,15 @@ class SILoss:
         self.align_kwargs = dict(align_kwargs or {})
 
     def __call__(self, model, images: torch.Tensor, model_kwargs: Optional[dict] = None,
-                 zs: Optional[TensorList] = None):
+                 zs: Optional[TensorList] = None, *, time: Optional[torch.Tensor] = None,
+                 noise: Optional[torch.Tensor] = None):
+        """``time`` [N, 1, 1, 1] and ``noise`` (like ``images``) may be given instead of drawn
+        (the training loop draws them per global batch, independent of the process count)."""
         model_kwargs = {} if model_kwargs is None else model_kwargs
-        t = sample_time(images.shape[0], self.weighting, self.path_type,
-                        device=images.device, dtype=images.dtype)
-        noise = torch.randn_like(images)
+        t = (sample_time(images.shape[0], self.weighting, self.path_type,
+                         device=images.device, dtype=images.dtype) if time is None
+             else time.to(images.device, images.dtype))
+        noise = torch.randn_like(images) if noise is None else noise.to(images.device, images.dtype)
         model_input, model_target = interpolate(images, noise, t, self.path_type)
         zs = [] if zs is None else _as_list(zs)
         if zs and self.fused:
