@@ -372,8 +372,12 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
                 if peak:
                     logged["mfu"] = ips * flops / dist.world_size / (peak * 1e12)
                 log.write(logged)
-                bar.set_postfix(loss=f"{values[0]:.4f}", proj=f"{values[1]:.4f}",
-                                img_s=f"{ips:.0f}")
+                postfix = dict(loss=f"{values[0]:.4f}", proj=f"{values[1]:.4f}",
+                               gnorm=f"{values[2]:.3f}", img_s=f"{ips:.0f}",
+                               wait=f"{logged['data_wait_frac']:.0%}")
+                if "mfu" in logged:
+                    postfix["mfu"] = f"{logged['mfu']:.0%}"
+                bar.set_postfix(postfix)
                 window_start, window_images, data_wait = time.perf_counter(), 0, 0.0
             if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
                 save(step)
