@@ -33,7 +33,8 @@ from .training.checkpoint import (checkpoint_path, list_checkpoints, prune, reso
                                   rng_state, save_atomic, set_rng_state)
 from .training.config import TrainConfig, parse_args, save_config
 from .training.ema import EMA
-from .training.metrics import MetricsLog, flops_per_image, peak_tflops, truncate_after
+from .training.metrics import (MetricsLog, Reporter, flops_per_image, peak_tflops,
+                               truncate_after)
 
 
 class Distributed:
@@ -127,8 +128,9 @@ def autocast(config: TrainConfig, device: torch.device):
 
 @torch.no_grad()
 def sample_grid(ema_model, noise: torch.Tensor, labels: torch.Tensor, latents_scale: float,
-                vae, path: str) -> None:
-    """EMA samples (50-step ODE, CFG 1.0) from fixed noise and labels, decoded, as one PNG."""
+                vae, path: str) -> torch.Tensor:
+    """EMA samples (50-step ODE, CFG 1.0) from fixed noise and labels, decoded, as one PNG;
+    returns the grid (uint8 [3, H, W])."""
     from PIL import Image
 
     from .sampling import euler_sampler
@@ -147,6 +149,7 @@ def sample_grid(ema_model, noise: torch.Tensor, labels: torch.Tensor, latents_sc
         grid[:, (i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = image
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    return grid
 
 
 def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
@@ -250,6 +253,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     if dist.main and resume:
         truncate_after(metrics_path, step)
     log = MetricsLog(metrics_path if dist.main else None)
+    reporter = Reporter(config.report_to, run_dir, enabled=dist.main)
     # fixed noise and labels for sample grids (drawn before the training RNG state matters)
     gen = torch.Generator().manual_seed(config.seed)
     grid_noise = torch.randn(16, in_channels, input_size, input_size, generator=gen).to(device)
@@ -372,6 +376,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
                 if peak:
                     logged["mfu"] = ips * flops / dist.world_size / (peak * 1e12)
                 log.write(logged)
+                reporter.scalars(logged, step)
                 postfix = dict(loss=f"{values[0]:.4f}", proj=f"{values[1]:.4f}",
                                gnorm=f"{values[2]:.3f}", img_s=f"{ips:.0f}",
                                wait=f"{logged['data_wait_frac']:.0%}")
@@ -382,8 +387,9 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
             if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
                 save(step)
             if dist.main and (step % config.sampling_steps == 0 or step == config.max_train_steps):
-                sample_grid(ema.model, grid_noise, grid_labels, latents_scale, vae,
-                            os.path.join(run_dir, "samples", f"{step:07d}.png"))
+                grid = sample_grid(ema.model, grid_noise, grid_labels, latents_scale, vae,
+                                   os.path.join(run_dir, "samples", f"{step:07d}.png"))
+                reporter.image("samples/ema", grid, step)
             if stop["signal"] is not None:
                 if list_checkpoints(ckpt_dir)[-1:] != [step]:
                     save(step)
@@ -392,6 +398,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     finally:
         bar.close()
         log.close()
+        reporter.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return logged

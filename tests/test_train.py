@@ -40,6 +40,12 @@ def test_demo_trains_logs_checkpoints_and_samples(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "0000006.pt", weights_only=True)
     assert {"model", "ema", "args", "steps", "opt"} <= ckpt.keys() and ckpt["steps"] == 6
     assert isinstance(ckpt["args"], dict)
+    tensorboard = pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert events.Tags()["images"] == ["samples/ema"]
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -116,6 +122,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     (["--preset", "demo", "--data-dir", "/nonexistent/data"], "--data-dir '/nonexistent/data' does not exist"),
     (["--preset", "demo", "--mixed-precision", "fp8"], "--mixed-precision must be one of"),
     (["--preset", "demo", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--preset", "demo", "--report-to", "wandb"], "--report-to must be one of tensorboard, none"),
 ])
 def test_config_errors_exit_2(tmp_path, capsys, argv, message):
     assert main(argv + ["--output-dir", str(tmp_path)]) == 2

@@ -67,6 +67,7 @@ class TrainConfig:
     keep_last: Optional[int] = None
     sampling_steps: int = 10000
     log_every: int = 100
+    report_to: str = "tensorboard"        # tensorboard | none (metrics.jsonl is always written)
     vae: Optional[str] = None             # SD-VAE folder/file, to decode sample grids
 
     def check(self, world_size: int = 1) -> None:
@@ -87,6 +88,10 @@ class TrainConfig:
                                  f"{getattr(self, name)}")
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"--keep-last must be >= 1; got {self.keep_last}")
+        from .metrics import REPORTERS
+        if self.report_to not in REPORTERS:
+            raise ValueError(f"--report-to must be one of {', '.join(REPORTERS)}; got "
+                             f"{self.report_to!r}")
         if not 0 <= self.cfg_prob < 1:
             raise ValueError(f"--cfg-prob must be in [0, 1); got {self.cfg_prob}")
 

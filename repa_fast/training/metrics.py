@@ -59,3 +59,39 @@ def truncate_after(path: str, step: int) -> None:
         keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
     with open(path, "w") as f:
         f.writelines(keep)
+
+
+REPORTERS = ("tensorboard", "none")
+
+
+class Reporter:
+    """Scalars and sample grids for a dashboard: TensorBoard under ``<run>/tensorboard``, or
+    nothing. ``tensorboard`` falls back to nothing, with a message, when the package is
+    missing (``pip install 'repa_fast[tensorboard]'``)."""
+
+    def __init__(self, kind: str, run_dir: str, enabled: bool = True):
+        if kind not in REPORTERS:
+            raise ValueError(f"--report-to must be one of {', '.join(REPORTERS)}; got {kind!r}")
+        self.writer = None
+        if kind == "tensorboard" and enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("--report-to tensorboard: the tensorboard package is not installed "
+                      "(pip install 'repa_fast[tensorboard]'); logging to metrics.jsonl only")
+                return
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def scalars(self, record: dict, step: int) -> None:
+        if self.writer:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, step)
+
+    def image(self, tag: str, image_chw, step: int) -> None:
+        if self.writer:
+            self.writer.add_image(tag, image_chw, step)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
