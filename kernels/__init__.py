@@ -9,6 +9,7 @@ and is never a top-level module.
   gradient (backward) epilogues;
 * ``cosine.py``: the last projector GEMM with patch pooling and the normalised-cosine epilogue,
   its backward, and the one-program finish kernel;
+* ``tiles.py``: grouped program order and block offsets shared by the kernels;
 * ``tuning.py``: autotune configs (one fixed config under ``TRITON_INTERPRET=1``) and the
   M bucketing of autotune keys.
 """

@@ -21,6 +21,7 @@ plus per-row-block column sums of dp (the gradient of b3).
 import triton
 import triton.language as tl
 
+from .tiles import block_range
 from .tuning import INTERPRETED_TILE, matmul_configs
 
 # Z (the encoder width, 384-1536) is the N of this GEMM; K is the projector dim.
@@ -111,10 +112,8 @@ def project_cosine_fwd_kernel(
     """
     pid_r = tl.program_id(0)
     pid_z = tl.program_id(1)
-    offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_z = pid_z * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_r = offs_r < R
-    mask_z = offs_z < Z
+    offs_r, mask_r = block_range(pid_r, BLOCK_M, R)
+    offs_z, mask_z = block_range(pid_z, BLOCK_N, Z)
     p = _projected_tile(s_ptr, w_ptr, b_ptr, offs_r, offs_z, mask_r, mask_z, K, CELLS,
                         POOLED_GRID, TOKENS, GRID, stride_sm, stride_sk, stride_wz, stride_wk,
                         POOL, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -169,10 +168,8 @@ def project_cosine_bwd_kernel(
 ):
     pid_r = tl.program_id(0)
     pid_z = tl.program_id(1)
-    offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_z = pid_z * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_r = offs_r < R
-    mask_z = offs_z < Z
+    offs_r, mask_r = block_range(pid_r, BLOCK_M, R)
+    offs_z, mask_z = block_range(pid_z, BLOCK_N, Z)
     mask = mask_r[:, None] & mask_z[None, :]
     p = _projected_tile(s_ptr, w_ptr, b_ptr, offs_r, offs_z, mask_r, mask_z, K, CELLS,
                         POOLED_GRID, TOKENS, GRID, stride_sm, stride_sk, stride_wz, stride_wk,
