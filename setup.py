@@ -31,6 +31,7 @@ EXTRAS = {
     "dali": ["nvidia-dali-cuda130>=2.0"],
     "data": ["diffusers>=0.30", "pillow>=10", "tqdm>=4.66"],
     "tensorboard": ["tensorboard>=2.14"],
+    "wandb": ["wandb>=0.17"],
     "flash": ["flash-attn>=2.6"],
     "flash4": ["flash-attn-4>=4.0.0b1"],
     "xformers": ["xformers>=0.0.28"],

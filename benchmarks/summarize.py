@@ -1,8 +1,9 @@
 """Ratios of a saved benchmark run: ``python benchmarks/summarize.py RESULTS.json``.
 
-For each (case, mode) of the alignment-op suite: median time, speed-up of every provider over
-the official-style loop and over ``torch.compile`` of the reference, TFLOP/s, the fraction of
-the card's bf16 matmul peak, and peak extra memory against the eager reference's.
+For each (suite, case, mode) with providers: median time, speed-up of every provider over the
+official-style baseline (``official_loop`` / ``official_style``) and over ``torch.compile`` of
+the reference, TFLOP/s, the fraction of the card's bf16 matmul peak, images/s, MFU and peak
+memory where recorded (peak extra memory against the eager reference's).
 """
 import json
 import sys
@@ -18,21 +19,29 @@ def main(path: str) -> None:
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
         if "provider" in info:
-            groups[(info["case"], info["mode"])][info["provider"]] = (bench["stats"]["median"], info)
-    for (case, mode), rows in sorted(groups.items()):
-        print(f"\n{case} {mode}")
-        loop = rows.get("official_loop", (None,))[0]
+            suite = bench.get("fullname", bench["name"]).split("::")[0].split("/")[-1]
+            key = (suite, info.get("case", ""), info.get("mode", ""))
+            groups[key][info["provider"]] = (bench["stats"]["median"], info)
+    for (suite, case, mode), rows in sorted(groups.items()):
+        print(f"\n{suite}  {case} {mode}")
+        loop = (rows.get("official_loop") or rows.get("official_style") or (None,))[0]
         compiled = rows.get("compiled_reference", (None,))[0]
         ref_mem = rows.get("eager_reference", (None, {}))[1].get("peak_extra_mem_mib")
         for provider, (median, info) in rows.items():
             parts = [f"  {provider:<20} {median * 1e3:9.3f} ms"]
             if loop:
-                parts.append(f"x{loop / median:5.2f} vs loop")
+                parts.append(f"x{loop / median:5.2f} vs official")
             if compiled:
                 parts.append(f"x{compiled / median:5.2f} vs compiled")
             parts.append(f"{info.get('tflops_per_s', 0):7.1f} TFLOP/s")
             if "fraction_of_matmul_peak" in info:
                 parts.append(f"{100 * info['fraction_of_matmul_peak']:5.1f}% of peak")
+            if "images_per_s" in info:
+                parts.append(f"{info['images_per_s']:8.1f} img/s")
+            if "mfu_vs_measured_peak" in info:
+                parts.append(f"MFU {100 * info['mfu_vs_measured_peak']:5.1f}%")
+            if "peak_mem_gib" in info:
+                parts.append(f"{info['peak_mem_gib']:6.1f} GiB peak")
             mem = info.get("peak_extra_mem_mib")
             if mem is not None:
                 parts.append(f"+{mem:8.1f} MiB" + (f" ({100 * mem / ref_mem:5.1f}% of eager)"

@@ -1,25 +1,51 @@
-"""One REPA training step (encoder features, SiT forward + backward with the projection loss,
-AdamW, EMA): repa_fast against an official-style step in the same run.
+"""One REPA training step (frozen encoder features of the images, SiT forward + backward with
+the projection loss, clipping, AdamW, EMA): repa_fast against an official-style step in the
+same run. On GPU: SiT-B/2 and SiT-XL/2 on 256 px latents (32×32×4) with a DINOv2-B encoder
+(random weights: speed does not depend on them) on 256 px images.
 
 * ``official_style``: fp16 autocast (bf16 where fp16 is unsupported), eager, timm's explicit
-  attention (``fused_attn=False``), the projector as layers and loss.py's per-sample loop;
-* ``repa_fast``: bf16 autocast, the auto attention backend, the fused alignment op, and
-  ``torch.compile`` on GPU.
+  attention (``fused_attn=False``), the projector as layers and loss.py's per-sample loop,
+  GradScaler, AdamW(foreach), EMA per parameter, encoder in fp16 autocast;
+* ``repa_fast``: bf16 autocast, the auto attention backend, the fused alignment op,
+  ``torch.compile`` of SiT and encoder on GPU, fused AdamW with the device-side non-finite
+  skip and the foreach EMA, as ``repa_fast.train`` runs them.
 
-MFU = images/s × FLOPs per image (``repa_fast.training.metrics.flops_per_image``, encoder not
-counted) / the card's measured bf16 matmul peak. On the CPU a tiny model runs, so the command
-always works; its numbers say nothing about GPU speed.
+MFU = images/s × FLOPs per image (``repa_fast.training.metrics.flops_per_image``: SiT and
+projector, forward + backward; the encoder's forward is not counted) / the card's measured
+bf16 matmul peak. ``peak_mem_gib`` is the step's peak allocated memory. The batch per case can
+be changed with ``REPA_BENCH_TRAIN_BATCH`` (e.g. 256 with ``REPA_BENCH_GRAD_CKPT=1``). On the
+CPU a tiny model runs, so the command always works; its numbers say nothing about GPU speed.
 """
+import os
+
 import pytest
 import torch
 
 from bench_utils import DEVICE, ON_GPU, bf16_matmul_peak_tflops, official_projection_loss, timed
 from repa_fast.models import SiT_models
 from repa_fast.training.ema import EMA
+from repa_fast.training.optim import skippable_step
 from repa_fast.training.metrics import flops_per_image
 from repa_fast.transport import SILoss
 
 CASES = {"SiT-B/2": (64, 32, 4), "SiT-XL/2": (32, 32, 4)} if ON_GPU else {"SiT-T/4": (8, 16, 4)}
+if os.environ.get("REPA_BENCH_TRAIN_BATCH"):
+    CASES = {k: (int(os.environ["REPA_BENCH_TRAIN_BATCH"]), *v[1:]) for k, v in CASES.items()}
+GRAD_CKPT = os.environ.get("REPA_BENCH_GRAD_CKPT") == "1"
+
+
+def make_encoder():
+    """DINOv2-B at 256 px on GPU; on the CPU the training demo's tiny encoder."""
+    if ON_GPU:
+        import warnings
+
+        from repa_fast.encoders import load_encoder
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "random weights" warning
+            return load_encoder("dinov2-vit-b", "random", 256, device=DEVICE,
+                                dtype=torch.bfloat16), 256
+    from repa_fast.train import demo_encoder
+    return demo_encoder(32), 32
 
 
 class OfficialLoss(SILoss):
@@ -46,36 +72,60 @@ class OfficialLoss(SILoss):
 def test_train_step(benchmark, provider, case):
     batch, size, channels = CASES[case]
     official = provider == "official_style"
-    model = SiT_models[case](input_size=size, in_channels=channels, z_dims=[768],
-                             encoder_depth=8 if ON_GPU else 2,
-                             fused_attn=not official, validate_inputs=False).to(DEVICE)
+    encoder, image_size = make_encoder()
+    encoder = encoder.to(DEVICE)
+    model = SiT_models[case](input_size=size, in_channels=channels, z_dims=[encoder.embed_dim],
+                             encoder_depth=8 if ON_GPU else 2, fused_attn=not official,
+                             grad_checkpointing=GRAD_CKPT and not official,
+                             validate_inputs=False).to(DEVICE)
     ema = EMA(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ON_GPU)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not official)
     loss_fn = OfficialLoss() if official else SILoss()
     step_model = torch.compile(model) if ON_GPU and not official else model
+    encode = torch.compile(encoder) if ON_GPU and not official else encoder
     half = torch.float16 if official and ON_GPU else torch.bfloat16
     scaler = torch.amp.GradScaler(DEVICE.type, enabled=half == torch.float16)
     x = torch.randn(batch, channels, size, size, device=DEVICE)
     y = torch.randint(0, 1000, (batch,), device=DEVICE)
-    zs = [torch.randn(batch, (size // model.patch_size) ** 2, 768, device=DEVICE)]
+    images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8,
+                           device=DEVICE)
 
     def step():
+        with torch.no_grad(), torch.autocast(DEVICE.type, dtype=half, enabled=ON_GPU):
+            zs = [encode(images)]
         with torch.autocast(DEVICE.type, dtype=half, enabled=ON_GPU):
             loss, proj = loss_fn(step_model, x, dict(y=y), zs=zs)
-            total = loss.mean() + 0.5 * proj
+            total = loss.mean() + 0.5 * proj.mean()
         scaler.scale(total).backward()
         scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(opt)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if official:
+            scaler.step(opt)
+            ema_official(ema.model, model)
+        else:
+            found_inf = (~(torch.isfinite(total.detach()) & torch.isfinite(norm))).float()
+            skippable_step(opt, found_inf)
+            ema.update(model, found_inf=found_inf)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        ema.update(model)
 
+    if ON_GPU:
+        torch.cuda.reset_peak_memory_stats()
     timed(benchmark, step, flops=flops_per_image(model) * batch, rounds=20 if ON_GPU else 3,
           warmup=3 if ON_GPU else 1)
     info = benchmark.extra_info
-    info.update(case=case, provider=provider, batch=batch,
+    info.update(case=case, provider=provider, batch=batch, grad_checkpointing=GRAD_CKPT,
                 images_per_s=batch / benchmark.stats.stats.median)
+    if ON_GPU:
+        info["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     peak = bf16_matmul_peak_tflops()
     if peak:
         info["mfu_vs_measured_peak"] = info["tflops_per_s"] / peak
+
+
+@torch.no_grad()
+def ema_official(ema_model, model, decay=0.9999):
+    """The official train.py's update_ema: one mul_/add_ pair per parameter."""
+    ema_params = dict(ema_model.named_parameters())
+    for name, param in model.named_parameters():
+        ema_params[name].mul_(decay).add_(param.data.float(), alpha=1 - decay)

@@ -8,9 +8,13 @@ One flat loop, the official recipe step for step::
     loss   = velocity MSE + proj_coeff · proj_loss          (SILoss; fused alignment op)
     clip grad norm, AdamW step, EMA update
 
-A step whose loss or gradient norm is not finite is skipped and counted; ``--max-nonfinite-
-steps`` in a row stop the run with the last good checkpoint intact. Checkpoints (atomic)
-resume exactly: same batches, same random draws, same losses. SIGTERM saves and exits.
+No host synchronisation inside the step: losses and gradient norms are summed on the device
+and read every ``--log-every`` steps. A step whose loss or gradient norm is not finite is
+skipped on the device (the fused AdamW kernel and the EMA lerp take a ``found_inf`` flag: no
+weight, moment or EMA change) and counted; when a log or checkpoint step finds
+``--max-nonfinite-steps`` skipped in a row, the run stops before saving, with the last good
+checkpoint intact. Checkpoints (atomic) resume exactly: same batches, same random draws, same
+losses. SIGTERM saves and exits.
 ``--preset demo`` trains on a built-in shapes data set on the CPU in a few minutes.
 """
 from __future__ import annotations
@@ -30,9 +34,10 @@ if __name__ == "__main__" and not __package__:  # run as a file: deepspeed repa_
     __package__ = "repa_fast"
 
 from .training.checkpoint import (checkpoint_path, list_checkpoints, prune, resolve_resume,
-                                  rng_state, save_atomic, set_rng_state)
+                                  rng_state, save_atomic, save_safetensors, set_rng_state)
 from .training.config import TrainConfig, parse_args, save_config
 from .training.ema import EMA
+from .training.optim import build_optimizer, skippable_step
 from .training.metrics import (MetricsLog, Reporter, flops_per_image, peak_tflops,
                                truncate_after)
 
@@ -80,6 +85,13 @@ def step_draws(config: TrainConfig, step: int, local_batch: int, shape: tuple, r
     return time_[mine], noise[mine], eps[mine], drop[mine]
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device`` without a host synchronisation (pinned, non-blocking)."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def demo_encoder(resolution: int):
     """A tiny random ViT (patch 8, width 64) standing in for DINOv2 in the demo."""
     from timm.models.vision_transformer import VisionTransformer
@@ -118,7 +130,10 @@ def build_model(config: TrainConfig, in_channels: int, input_size: int, z_dims: 
         use_cfg=config.cfg_prob > 0, class_dropout_prob=config.cfg_prob, z_dims=z_dims,
         encoder_depth=config.encoder_depth, projector_dim=config.projector_dim,
         qk_norm=config.qk_norm, fused_attn=config.fused_attn, attn_backend=config.attn_backend,
-        grad_checkpointing=config.grad_checkpointing)
+        grad_checkpointing=config.grad_checkpointing,
+        # the loop checks labels on the host before they reach the GPU; the model's own check
+        # would read them back from the GPU every step
+        validate_inputs=False)
 
 
 def autocast(config: TrainConfig, device: torch.device):
@@ -208,10 +223,9 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
         ema.load_state_dict(state["ema"])
     else:
         ema.update(model, decay=0.0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
-                                  betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
-                                  fused=device.type == "cuda")
+    optimizer = build_optimizer(config.optimizer, model.parameters(), lr=config.learning_rate,
+                                betas=(config.adam_beta1, config.adam_beta2),
+                                eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16"
                                   and not config.ds_config)
     zero = None
@@ -234,6 +248,8 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
                                  f"optimizer state is in {ds_dir}); resume it with --ds_config")
             optimizer.load_state_dict(state["opt"])
     forward = torch.compile(wrapped) if config.compile else wrapped
+    if config.compile:  # the frozen encoders' forward too (inference graphs, no backward)
+        encoders = [torch.compile(encoder) for encoder in encoders]
     loss_fn = SILoss(prediction=config.prediction, path_type=config.path_type,
                      weighting=config.weighting, fused=config.fused_loss)
     vae = None
@@ -253,7 +269,8 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     if dist.main and resume:
         truncate_after(metrics_path, step)
     log = MetricsLog(metrics_path if dist.main else None)
-    reporter = Reporter(config.report_to, run_dir, enabled=dist.main)
+    reporter = Reporter(config.report_to, run_dir, enabled=dist.main, config=config.to_dict(),
+                        project=config.wandb_project, entity=config.wandb_entity)
     # fixed noise and labels for sample grids (drawn before the training RNG state matters)
     gen = torch.Generator().manual_seed(config.seed)
     grid_noise = torch.randn(16, in_channels, input_size, input_size, generator=gen).to(device)
@@ -278,10 +295,12 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
         if zero:
             zero.save(ds_dir, at)  # optimizer partitions (collective)
         if dist.main:
-            save_atomic(dict(model=weights, ema=ema.state_dict(), args=config.to_dict(),
-                             steps=at, rng=rngs, loader=loader.state_dict(),
-                             **({} if zero else dict(opt=optimizer.state_dict()))),
-                        checkpoint_path(ckpt_dir, at))
+            state = dict(model=weights, ema=ema.state_dict(), args=config.to_dict(), steps=at,
+                         rng=rngs, loader=loader.state_dict(),
+                         **({} if zero else dict(opt=optimizer.state_dict())))
+            save_atomic(state, checkpoint_path(ckpt_dir, at))
+            if config.save_safetensors:
+                save_safetensors(state, os.path.join(ckpt_dir, f"{at:07d}"))
             prune(ckpt_dir, config.keep_last)
         dist.barrier()
 
@@ -297,19 +316,40 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     from tqdm import tqdm
     bar = tqdm(total=config.max_train_steps, initial=step, disable=not dist.main,
                dynamic_ncols=True, desc=config.exp_name)
-    sums = torch.zeros(3, device=device)  # loss, proj_loss, grad_norm since the last log
-    logged, nonfinite_run, skipped_total = {}, 0, 0
+    # running sums on the device, read on the host only when logging or saving:
+    # loss, proj_loss, grad_norm over finite steps; finite and skipped step counts;
+    # the current and the longest run of consecutive skipped steps
+    sums, counts = torch.zeros(3, device=device), torch.zeros(2, device=device)
+    skip_run, worst_run = torch.zeros((), device=device), torch.zeros((), device=device)
+    logged, skipped_total = {}, 0
     window_start, window_images, data_wait = time.perf_counter(), 0, 0.0
+
+    def check_nonfinite() -> None:
+        worst = int(worst_run)
+        if worst >= config.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{worst} steps in a row had a non-finite loss or gradient (checked at step "
+                f"{step}); stopping. The last good checkpoint is in {ckpt_dir} (steps "
+                f"{list_checkpoints(ckpt_dir)}); lower --learning-rate or check the data, "
+                f"then --resume auto")
+
     batches = iter(loader)
     try:
         while step < config.max_train_steps:
             t0 = time.perf_counter()
             images, moments, labels = next(batches)
             data_wait += time.perf_counter() - t0
+            if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < \
+                    config.num_classes:  # host tensors: no GPU sync
+                raise ValueError(f"--num-classes {config.num_classes}: the data set in "
+                                 f"{data_dir} holds labels in [{int(labels.min())}, "
+                                 f"{int(labels.max())}]")
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            time_, noise, eps, drop = step_draws(config, step, labels.shape[0], x_shape,
-                                                 dist.rank, dist.world_size)
+            # drawn on the CPU (the same numbers on any device), copied without a sync: a
+            # blocking copy from pageable memory would wait for the GPU's queue every step
+            time_, noise, eps, drop = (to_device(t, device) for t in step_draws(
+                config, step, labels.shape[0], x_shape, dist.rank, dist.world_size))
             with torch.no_grad():
                 x = sample_posterior(moments.to(device, non_blocking=True), latents_scale,
                                      noise=eps)
@@ -324,67 +364,73 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
                 loss_mean, proj_mean = loss.mean(), proj_loss.mean()
                 total = loss_mean + config.proj_coeff * proj_mean
             if zero is not None:
-                # DeepSpeed steps inside backward_and_step: decide on the loss before it
+                # DeepSpeed clips and steps inside engine.step(), which has no skip input for
+                # bf16/fp32 (fp16 has its loss scaler): decide on the loss before backward
+                # (one host read per step on this path)
                 finite = bool(torch.isfinite(total))
+                grad_norm = torch.zeros((), device=device)
                 if finite:
                     grad_norm = zero.backward_and_step(total).to(device)
                     with zero.gathered():
                         ema.update(zero.module)
+                found_inf = torch.tensor(float(not finite), device=device)
             else:
                 scaler.scale(total).backward()
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                            config.max_grad_norm)
-                # the one sync per step: skipping a non-finite step needs a host decision
-                finite = bool(torch.isfinite(total) & torch.isfinite(grad_norm))
-                if finite:
-                    scaler.step(optimizer)
-                    ema.update(model)
+                # a non-finite loss or gradient norm skips the step on the device: the fused
+                # AdamW kernel and the EMA lerp read found_inf, nothing waits for the host
+                found_inf = (~(torch.isfinite(total.detach()) & torch.isfinite(grad_norm))).float()
+                if dist.world_size > 1:  # every rank skips together
+                    torch.distributed.all_reduce(found_inf, torch.distributed.ReduceOp.MAX)
+                skippable_step(optimizer, found_inf)
+                ema.update(model, found_inf=found_inf)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-            if finite:
-                nonfinite_run = 0
-            else:
-                nonfinite_run += 1
-                skipped_total += 1
-            if not finite and nonfinite_run >= config.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"{nonfinite_run} steps in a row had a non-finite loss or gradient (last "
-                    f"at step {step + 1}); stopping. The last good checkpoint is in {ckpt_dir} "
-                    f"(steps {list_checkpoints(ckpt_dir)}); lower --learning-rate or check "
-                    f"the data, then --resume auto")
-            if not finite:
-                continue  # a skipped step does not count
+            # skipped steps count as steps (their batch is consumed), as with fp16 loss scaling
             step += 1
             window_images += images.shape[0] * dist.world_size
-            sums += torch.stack([loss_mean.detach().float(), proj_mean.detach().float(),
-                                 grad_norm.detach().float()])
+            bad = found_inf.bool()
+            values = torch.stack([loss_mean.detach(), proj_mean.detach(),
+                                  grad_norm.detach().to(device)]).float()
+            sums += torch.where(bad, torch.zeros_like(values), values)
+            counts += torch.stack([1 - found_inf, found_inf])
+            skip_run = (skip_run + 1) * found_inf
+            worst_run = torch.maximum(worst_run, skip_run)
             bar.update(1)
             if step % config.log_every == 0 or step == config.max_train_steps:
-                n = config.log_every if step % config.log_every == 0 else step % config.log_every
                 if dist.world_size > 1:  # the global batch's means, not this rank's
                     torch.distributed.all_reduce(sums)
                     sums /= dist.world_size
-                values = (sums / n).tolist()
+                good, skipped = counts.tolist()
+                means = (sums / max(good, 1)).tolist() if good else [None] * 3
                 sums.zero_()
+                counts.zero_()
+                skipped_total += int(skipped)
                 elapsed = time.perf_counter() - window_start
                 ips = window_images / elapsed
-                logged = dict(step=step, loss=values[0], proj_loss=values[1],
-                              grad_norm=values[2], images_per_sec=ips,
+                logged = dict(step=step, loss=means[0], proj_loss=means[1],
+                              grad_norm=means[2], images_per_sec=ips,
                               data_wait_frac=data_wait / elapsed, skipped_steps=skipped_total,
                               lr=config.learning_rate)
                 if peak:
                     logged["mfu"] = ips * flops / dist.world_size / (peak * 1e12)
                 log.write(logged)
                 reporter.scalars(logged, step)
-                postfix = dict(loss=f"{values[0]:.4f}", proj=f"{values[1]:.4f}",
-                               gnorm=f"{values[2]:.3f}", img_s=f"{ips:.0f}",
-                               wait=f"{logged['data_wait_frac']:.0%}")
+                postfix = dict(img_s=f"{ips:.0f}", wait=f"{logged['data_wait_frac']:.0%}")
+                if good:
+                    postfix = dict(loss=f"{means[0]:.4f}", proj=f"{means[1]:.4f}",
+                                   gnorm=f"{means[2]:.3f}", **postfix)
+                if skipped_total:
+                    postfix["skipped"] = skipped_total
                 if "mfu" in logged:
                     postfix["mfu"] = f"{logged['mfu']:.0%}"
                 bar.set_postfix(postfix)
                 window_start, window_images, data_wait = time.perf_counter(), 0, 0.0
+                check_nonfinite()
             if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
+                check_nonfinite()  # never save past the stop condition
                 save(step)
             if dist.main and (step % config.sampling_steps == 0 or step == config.max_train_steps):
                 grid = sample_grid(ema.model, grid_noise, grid_labels, latents_scale, vae,

@@ -69,17 +69,49 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     def poisoned(moments, *args, **kwargs):
         calls.append(1)
         x = real(moments, *args, **kwargs)
-        return x * float("nan") if len(calls) == 2 or len(calls) > 6 else x
+        return x * float("nan") if len(calls) == 2 or len(calls) > 3 else x
 
     monkeypatch.setattr(vae, "sample_posterior", poisoned)
-    config = parse_args(demo_args(tmp_path, "--max-nonfinite-steps", "3"))
+    config = parse_args(demo_args(tmp_path, "--max-nonfinite-steps", "3", "--log-every", "2"))
     with pytest.raises(FloatingPointError, match="3 steps in a row had a non-finite loss"):
         train(config)
     logged = records(tmp_path)
-    assert logged[-1]["step"] == 5 and logged[-1]["skipped_steps"] == 1
+    # step 2 skipped: its window's mean is step 1's loss; steps 4-6 skipped: stop at step 6
+    assert [r["step"] for r in logged] == [2, 4, 6]
+    assert [r["skipped_steps"] for r in logged] == [1, 2, 4]
+    assert logged[0]["loss"] is not None and logged[2]["loss"] is None
     ckpt_dir = str(tmp_path / "demo" / "checkpoints")
-    assert list_checkpoints(ckpt_dir) == [3]
-    torch.load(os.path.join(ckpt_dir, "0000003.pt"), weights_only=True)  # intact
+    assert list_checkpoints(ckpt_dir) == [3]  # nothing saved at step 6
+    ckpt = torch.load(os.path.join(ckpt_dir, "0000003.pt"), weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert all(torch.isfinite(v).all() for v in ckpt["ema"].values())
+
+
+def test_a_skipped_step_changes_nothing():
+    """found_inf = 1: fused AdamW leaves weights, moments and its step count alone, and the
+    EMA stays; found_inf = 0 is an ordinary step."""
+    from repa_fast.training.ema import EMA
+    from repa_fast.training.optim import build_optimizer, skippable_step
+    model = torch.nn.Linear(5, 3)
+    ema = EMA(model, 0.5)
+    optimizer = build_optimizer("adamw", model.parameters(), lr=0.1, betas=(0.9, 0.999),
+                                eps=1e-8, weight_decay=0.0)
+    for found_inf, changes in ((0.0, True), (1.0, False), (0.0, True)):
+        model(torch.randn(4, 5)).square().sum().backward()
+        before = [t.clone() for t in (*model.parameters(), *ema.model.parameters())]
+        moments = [v.clone() for v in optimizer.state[model.weight].values()] \
+            if optimizer.state else []
+        flag = torch.tensor(found_inf)
+        skippable_step(optimizer, flag)
+        ema.update(model, found_inf=flag)
+        optimizer.zero_grad()
+        after = [*model.parameters(), *ema.model.parameters()]
+        assert all(not torch.equal(a, b) for a, b in zip(before, after)) == changes
+        assert any(not torch.equal(a, b) for a, b in zip(before, after)) == changes
+        if not changes:
+            assert all(torch.equal(a, b) for a, b in
+                       zip(moments, optimizer.state[model.weight].values()))
+    assert int(optimizer.state[model.weight]["step"]) == 2
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -122,7 +154,14 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     (["--preset", "demo", "--data-dir", "/nonexistent/data"], "--data-dir '/nonexistent/data' does not exist"),
     (["--preset", "demo", "--mixed-precision", "fp8"], "--mixed-precision must be one of"),
     (["--preset", "demo", "--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--preset", "demo", "--report-to", "wandb"], "--report-to must be one of tensorboard, none"),
+    (["--preset", "demo", "--num-classes", "3", "--max-train-steps", "1"],
+     "--num-classes 3: the data set in"),
+    (["--preset", "demo", "--report-to", "mlflow"],
+     "--report-to must be one of tensorboard, wandb, none"),
+    (["--preset", "demo", "--optimizer", "sgd"], "--optimizer must be one of adamw, "
+                                                 "apex-fused-adam, deepspeed"),
+    (["--preset", "demo", "--optimizer", "deepspeed"], "--optimizer deepspeed builds"),
+    (["--preset", "demo", "--optimizer", "apex-fused-adam"], "It is not on the package registry"),
 ])
 def test_config_errors_exit_2(tmp_path, capsys, argv, message):
     assert main(argv + ["--output-dir", str(tmp_path)]) == 2
@@ -133,3 +172,121 @@ def test_batch_must_divide_across_processes():
     with pytest.raises(ValueError, match="--batch-size 10 .global. must be divisible by the "
                                          "number of processes .4."):
         TrainConfig(batch_size=10).check(world_size=4)
+
+
+def test_apex_fused_adam_is_used_when_importable(tmp_path, monkeypatch):
+    """apex cannot be installed here: a stand-in ``apex.optimizers.FusedAdam`` (torch's AdamW
+    without found_inf support) checks the plumbing and the host-side skip."""
+    import types
+    made = []
+
+    class FusedAdam(torch.optim.AdamW):
+        def __init__(self, params, adam_w_mode=True, **kwargs):
+            assert adam_w_mode
+            super().__init__(params, foreach=False, **kwargs)
+            made.append(self)
+
+    apex = types.ModuleType("apex")
+    apex.optimizers = types.SimpleNamespace(FusedAdam=FusedAdam)
+    monkeypatch.setitem(sys.modules, "apex", apex)
+    monkeypatch.setitem(sys.modules, "apex.optimizers", apex.optimizers)
+    assert main(demo_args(tmp_path, "--optimizer", "apex-fused-adam", "--max-train-steps", "2",
+                          "--report-to", "none")) == 0
+    assert len(made) == 1 and made[0].state  # it stepped
+    from repa_fast.training.optim import skippable_step, takes_found_inf
+    assert not takes_found_inf(made[0])
+    weights = [p.clone() for p in made[0].param_groups[0]["params"]]
+    skippable_step(made[0], torch.tensor(1.0))
+    assert all(torch.equal(a, b) for a, b in zip(weights, made[0].param_groups[0]["params"]))
+
+
+def test_wandb_offline_run_and_resume(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = demo_args(tmp_path, "--report-to", "wandb", "--max-train-steps", "3")
+    assert main(args) == 0
+    run = tmp_path / "demo"
+    run_id = (run / "wandb_run_id").read_text()
+    offline = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert offline and list(offline[0].glob("*.wandb"))
+    assert main(demo_args(tmp_path, "--report-to", "wandb", "--resume", "auto")) == 0
+    assert (run / "wandb_run_id").read_text() == run_id  # the same wandb run continues
+
+
+def test_safetensors_copies_and_export(tmp_path):
+    from safetensors import safe_open
+    from repa_fast.training.export import main as export
+    assert main(demo_args(tmp_path, "--save-safetensors", "--keep-last", "1",
+                          "--report-to", "none")) == 0
+    ckpts = tmp_path / "demo" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.suffix == ".safetensors") == \
+        ["0000006-ema.safetensors", "0000006-model.safetensors"]  # step 3's pruned with it
+    state = torch.load(ckpts / "0000006.pt", weights_only=True)
+    with safe_open(str(ckpts / "0000006-ema.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["args"])["model"] == "SiT-T/4"
+        assert f.metadata()["steps"] == "6"
+        assert set(f.keys()) == set(state["ema"])
+        assert all(torch.equal(f.get_tensor(k), state["ema"][k]) for k in f.keys())
+    assert export([str(ckpts / "0000006.pt"), "--out-dir", str(tmp_path / "x")]) == 0
+    from safetensors.torch import load_file
+    exported = load_file(str(tmp_path / "x" / "0000006-model.safetensors"))
+    assert exported.keys() == state["model"].keys()
+    assert all(torch.equal(exported[k], state["model"][k]) for k in exported)
+    assert export([str(tmp_path / "missing.pt")]) == 2
+
+
+def test_deepspeed_optimizer_section_is_filled_and_checked():
+    from repa_fast.training.optim import deepspeed_optimizer_section
+    kw = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, path="c.json")
+    ds = {}
+    deepspeed_optimizer_section(ds, "deepspeed", **kw)
+    assert ds["optimizer"] == {"type": "AdamW", "params": dict(
+        lr=1e-4, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0)}
+    ds = {"optimizer": {"type": "AdamW", "params": {"lr": 3e-4}}}
+    with pytest.raises(ValueError, match="optimizer.params.lr is 0.0003, but the flags give "
+                                         "0.0001"):
+        deepspeed_optimizer_section(ds, "deepspeed", **kw)
+    with pytest.raises(ValueError, match="has an \"optimizer\" section, but --optimizer is "
+                                         "adamw"):
+        deepspeed_optimizer_section({"optimizer": {}}, "adamw", **kw)
+    with pytest.raises(ValueError, match="optimizer.type must be AdamW or Adam"):
+        deepspeed_optimizer_section({"optimizer": {"type": "Lamb"}}, "deepspeed", **kw)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    """--compile (SiT and encoder under torch.compile; the fused loss without graph breaks)
+    trains like eager, up to fp32 rounding."""
+    assert main(demo_args(tmp_path / "eager", "--max-train-steps", "3", "--report-to",
+                          "none")) == 0
+    assert main(demo_args(tmp_path / "compiled", "--max-train-steps", "3", "--compile",
+                          "--report-to", "none")) == 0
+    eager, compiled = records(tmp_path / "eager"), records(tmp_path / "compiled")
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
+
+
+def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path):
+    """SIGKILL in the middle of writing checkpoint 2: checkpoint 1 still loads, and the
+    half-written file is never listed as a checkpoint."""
+    script = f"""
+import sys, time, torch
+from repa_fast.training.checkpoint import save_atomic
+save_atomic({{"steps": 1, "w": torch.ones(3)}}, {str(tmp_path / "0000001.pt")!r})
+def slow(obj, f):
+    f.write(b"x" * 4096); f.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+torch.save = slow
+save_atomic({{"steps": 2}}, {str(tmp_path / "0000002.pt")!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait(timeout=30)
+    assert list_checkpoints(str(tmp_path)) == [1]
+    assert torch.load(tmp_path / "0000001.pt", weights_only=True)["steps"] == 1
+    # the next save replaces the leftover temporary file
+    save_atomic({"steps": 2}, str(tmp_path / "0000002.pt"))
+    assert list_checkpoints(str(tmp_path)) == [1, 2]
+    assert not list(tmp_path.glob("*.tmp"))

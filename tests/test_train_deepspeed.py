@@ -102,3 +102,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, launcher):
     extra = ["--ds_config", str(CONFIGS / "zero2.json")] if launcher == "deepspeed" else []
     launch(tmp_path / "two", launcher, *extra)
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_deepspeed_builds_its_own_optimizer(tmp_path):
+    """--optimizer deepspeed: the engine builds AdamW from the config's optimizer section
+    (filled from the flags); it trains like torch's AdamW."""
+    config = str(CONFIGS / "zero2.json")
+    run(tmp_path / "ds", "--max-train-steps", "3", "--ds_config", config,
+        "--optimizer", "deepspeed")
+    run(tmp_path / "torch", "--max-train-steps", "3", "--ds_config", config)
+    assert losses(tmp_path / "ds") == pytest.approx(losses(tmp_path / "torch"), rel=1e-4)

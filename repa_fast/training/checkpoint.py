@@ -4,7 +4,9 @@
 loads — ``model``, ``ema``, ``args`` (a plain dict, so ``torch.load(weights_only=True)``
 works), ``steps`` — plus ``opt``, ``rng`` and ``loader`` so a resumed run continues exactly.
 Each file is written to ``.tmp``, flushed to disk and renamed: a crash during a save leaves the
-previous checkpoints as they were.
+previous checkpoints as they were. ``--save-safetensors`` also writes ``NNNNNNN-model.safetensors``
+and ``NNNNNNN-ema.safetensors`` (weights only, ``args`` and ``steps`` in the metadata) for tools
+that should not unpickle; ``python -m repa_fast.training.export CKPT.pt`` converts a saved file.
 """
 from __future__ import annotations
 
@@ -31,6 +33,35 @@ def save_atomic(obj, path: str) -> None:
             os.remove(tmp)
 
 
+def _replace_atomic(tmp: str, path: str) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_safetensors(state: dict, stem: str) -> list[str]:
+    """``stem-model.safetensors`` and ``stem-ema.safetensors`` from a checkpoint dict (its
+    ``model``, ``ema``, ``args`` and ``steps``), each written atomically; returns the paths."""
+    import json
+
+    from safetensors.torch import save_file
+    metadata = {"args": json.dumps(state.get("args", {})), "steps": str(state.get("steps", ""))}
+    paths = []
+    for key in ("model", "ema"):
+        if key not in state:
+            continue
+        path, tmp = f"{stem}-{key}.safetensors", f"{stem}-{key}.safetensors.tmp"
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state[key].items()}
+        try:
+            save_file(tensors, tmp, metadata={**metadata, "weights": key})
+            _replace_atomic(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        paths.append(path)
+    return paths
+
+
 def checkpoint_path(directory: str, step: int) -> str:
     return os.path.join(directory, f"{step:07d}.pt")
 
@@ -50,6 +81,10 @@ def prune(directory: str, keep_last: Optional[int]) -> None:
     import shutil
     for step in list_checkpoints(directory)[:-keep_last]:
         os.remove(checkpoint_path(directory, step))
+        for key in ("model", "ema"):  # --save-safetensors copies
+            path = os.path.join(directory, f"{step:07d}-{key}.safetensors")
+            if os.path.exists(path):
+                os.remove(path)
         shutil.rmtree(os.path.join(directory, "deepspeed", f"{step:07d}"), ignore_errors=True)
 
 

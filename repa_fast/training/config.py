@@ -51,6 +51,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.0
     adam_epsilon: float = 1e-8
+    optimizer: str = "adamw"              # adamw (torch fused) | apex-fused-adam | deepspeed
     max_grad_norm: float = 1.0
     ema_decay: float = 0.9999
     mixed_precision: str = "bf16"         # official default fp16; bf16 needs no loss scaling
@@ -65,9 +66,12 @@ class TrainConfig:
     # checkpoints, logging, sampling
     checkpointing_steps: int = 50000
     keep_last: Optional[int] = None
+    save_safetensors: bool = False        # also NNNNNNN-{model,ema}.safetensors
     sampling_steps: int = 10000
     log_every: int = 100
-    report_to: str = "tensorboard"        # tensorboard | none (metrics.jsonl is always written)
+    report_to: str = "tensorboard"        # tensorboard | wandb | none (metrics.jsonl always)
+    wandb_project: str = "REPA"           # the official tracker project name
+    wandb_entity: Optional[str] = None
     vae: Optional[str] = None             # SD-VAE folder/file, to decode sample grids
 
     def check(self, world_size: int = 1) -> None:
@@ -92,6 +96,13 @@ class TrainConfig:
         if self.report_to not in REPORTERS:
             raise ValueError(f"--report-to must be one of {', '.join(REPORTERS)}; got "
                              f"{self.report_to!r}")
+        from .optim import OPTIMIZERS
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got "
+                             f"{self.optimizer!r}")
+        if self.optimizer == "deepspeed" and not self.ds_config:
+            raise ValueError("--optimizer deepspeed builds DeepSpeed's optimizer from the "
+                             "--ds_config file; pass --ds_config (or use --optimizer adamw)")
         if not 0 <= self.cfg_prob < 1:
             raise ValueError(f"--cfg-prob must be in [0, 1); got {self.cfg_prob}")
 

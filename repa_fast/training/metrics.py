@@ -61,19 +61,25 @@ def truncate_after(path: str, step: int) -> None:
         f.writelines(keep)
 
 
-REPORTERS = ("tensorboard", "none")
+REPORTERS = ("tensorboard", "wandb", "none")
 
 
 class Reporter:
-    """Scalars and sample grids for a dashboard: TensorBoard under ``<run>/tensorboard``, or
-    nothing. ``tensorboard`` falls back to nothing, with a message, when the package is
-    missing (``pip install 'repa_fast[tensorboard]'``)."""
+    """Scalars and sample grids for a dashboard: TensorBoard under ``<run>/tensorboard``,
+    Weights & Biases (project ``--wandb-project``, run name ``--exp-name``, the config as the
+    run config; a resumed run continues the same wandb run, its id kept in
+    ``<run>/wandb_run_id``; ``WANDB_MODE=offline`` works without a network), or nothing.
+    A missing package falls back to nothing, with a message saying what to install
+    (``pip install 'repa_fast[tensorboard]'`` / ``'repa_fast[wandb]'``)."""
 
-    def __init__(self, kind: str, run_dir: str, enabled: bool = True):
+    def __init__(self, kind: str, run_dir: str, enabled: bool = True, config: Optional[dict] = None,
+                 project: str = "REPA", entity: Optional[str] = None):
         if kind not in REPORTERS:
             raise ValueError(f"--report-to must be one of {', '.join(REPORTERS)}; got {kind!r}")
-        self.writer = None
-        if kind == "tensorboard" and enabled:
+        self.writer = self.wandb_run = None
+        if not enabled or kind == "none":
+            return
+        if kind == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -81,17 +87,44 @@ class Reporter:
                       "(pip install 'repa_fast[tensorboard]'); logging to metrics.jsonl only")
                 return
             self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        else:
+            try:
+                import wandb
+            except ImportError:
+                print("--report-to wandb: the wandb package is not installed "
+                      "(pip install 'repa_fast[wandb]'); logging to metrics.jsonl only")
+                return
+            self._wandb = wandb
+            id_file = os.path.join(run_dir, "wandb_run_id")
+            run_id = open(id_file).read().strip() if os.path.exists(id_file) else None
+            try:
+                self.wandb_run = wandb.init(project=project, entity=entity,
+                                            name=os.path.basename(run_dir), dir=run_dir,
+                                            config=config, id=run_id, resume="allow")
+            except wandb.errors.UsageError as error:  # e.g. no API key
+                raise ValueError(f"--report-to wandb: {error} (or set WANDB_MODE=offline to "
+                                 f"log locally and `wandb sync` later)") from None
+            if run_id is None:
+                with open(id_file, "w") as f:
+                    f.write(self.wandb_run.id)
 
     def scalars(self, record: dict, step: int) -> None:
+        values = {f"train/{k}": v for k, v in record.items() if k != "step" and v is not None}
         if self.writer:
-            for key, value in record.items():
-                if key != "step":
-                    self.writer.add_scalar(f"train/{key}", value, step)
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+        if self.wandb_run:
+            self.wandb_run.log(values, step=step)
 
     def image(self, tag: str, image_chw, step: int) -> None:
         if self.writer:
             self.writer.add_image(tag, image_chw, step)
+        if self.wandb_run:
+            self.wandb_run.log({tag: self._wandb.Image(image_chw.permute(1, 2, 0).numpy())},
+                               step=step)
 
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+        if self.wandb_run:
+            self.wandb_run.finish()

@@ -51,6 +51,11 @@ def load_ds_config(path: str, config: TrainConfig, world_size: int, device: torc
         elif section["enabled"] != (config.mixed_precision == dtype):
             raise ValueError(f"--ds_config {path}: {name}.enabled is {section['enabled']} but "
                              f"--mixed-precision is {config.mixed_precision}")
+    from .optim import deepspeed_optimizer_section
+    deepspeed_optimizer_section(ds, config.optimizer, lr=config.learning_rate,
+                                betas=(config.adam_beta1, config.adam_beta2),
+                                eps=config.adam_epsilon, weight_decay=config.adam_weight_decay,
+                                path=path)
     if ds["fp16"]["enabled"] and device.type == "cpu":
         raise ValueError("--mixed-precision fp16 with DeepSpeed needs a GPU (DeepSpeed refuses "
                          "fp16 on the CPU); use bf16 or no")
@@ -58,7 +63,8 @@ def load_ds_config(path: str, config: TrainConfig, world_size: int, device: torc
 
 
 class ZeroEngine:
-    """The DeepSpeed engine around the SiT, with the few calls the loop needs."""
+    """The DeepSpeed engine around the SiT, with the few calls the loop needs. ``optimizer``
+    None: DeepSpeed builds its own from ``ds_config['optimizer']`` (``--optimizer deepspeed``)."""
 
     def __init__(self, model, optimizer, ds_config: dict):
         import deepspeed
@@ -67,8 +73,10 @@ class ZeroEngine:
             # without calling the layers: ZeRO-3 must gather them when the projector is called
             from ..ops import REPAProjector
             deepspeed.utils.set_z3_leaf_modules(model, [REPAProjector])
+        extra = {} if optimizer is not None else dict(
+            model_parameters=[p for p in model.parameters() if p.requires_grad])
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config)
+            model=model, optimizer=optimizer, config=ds_config, **extra)
         self.stage = ds_config["zero_optimization"]["stage"]
 
     @property
