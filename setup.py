@@ -35,7 +35,7 @@ EXTRAS = {
     "flash": ["flash-attn>=2.6"],
     "flash4": ["flash-attn-4>=4.0.0b1"],
     "xformers": ["xformers>=0.0.28"],
-    "eval": ["scipy>=1.10", "torch-fidelity>=0.3"],
+    "eval": ["scipy>=1.10", "torch-fidelity>=0.4", "pillow>=10", "tqdm>=4.66"],
     "dev": ["pytest>=8", "pytest-benchmark>=4"],
 }
 
@@ -53,7 +53,9 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["repa-fast-info=repa_fast.info:main",
-                                      "repa-fast-prepare=repa_fast.data.prepare:main"]},
+                                      "repa-fast-prepare=repa_fast.data.prepare:main",
+                                      "repa-fast-generate=repa_fast.generate:main",
+                                      "repa-fast-evaluate=repa_fast.evaluate:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -101,15 +101,19 @@ def euler_sampler(model, latents: torch.Tensor, y: torch.Tensor, num_steps: int 
 def euler_maruyama_sampler(model, latents: torch.Tensor, y: torch.Tensor, num_steps: int = 20,
                            heun: bool = False, cfg_scale: float = 1.0, guidance_low: float = 0.0,
                            guidance_high: float = 1.0, path_type: str = "linear", *,
-                           null_class: Optional[int] = None) -> torch.Tensor:
+                           null_class: Optional[int] = None,
+                           noise_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                           ) -> torch.Tensor:
     """Reverse SDE ``dx = [v - ½w(t)·s(x, t)] dt + √w(t) dW``, ``w(t) = 2t``, on
     ``t = linspace(1, 0.04, num_steps)`` then a last noise-free Euler step to t=0.
-    ``heun`` is unused, as official. Noise is drawn with ``randn_like`` before each model call
-    (the official order). Returns float64 samples."""
+    ``heun`` is unused, as official. Noise is drawn with ``noise_fn(x)`` (default
+    ``torch.randn_like``, the official draw) before each model call (the official order);
+    e.g. ``repa_fast.generation`` passes per-sample generators. Returns float64 samples."""
     _check_steps(num_steps)
     check_path_type(path_type)
     dtype = latents.dtype
     y_null = _null_labels(model, y, null_class) if cfg_scale > 1.0 else None
+    draw = torch.randn_like if noise_fn is None else noise_fn
     t_steps = torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64)
     t_steps = torch.cat([t_steps, torch.tensor([0.0], dtype=torch.float64)])
     x_next = latents.to(torch.float64)
@@ -125,7 +129,7 @@ def euler_maruyama_sampler(model, latents: torch.Tensor, y: torch.Tensor, num_st
         dt = t_next - t_cur
         x_cur = x_next
         diffusion = compute_diffusion(t_cur)
-        deps = torch.randn_like(x_cur) * torch.sqrt(torch.abs(dt))
+        deps = draw(x_cur) * torch.sqrt(torch.abs(dt))
         d_cur = _guided_drift(model, x_cur, t_cur, y, y_null, drift=sde_drift(diffusion), **guide)
         x_next = x_cur + d_cur * dt + torch.sqrt(diffusion) * deps
 

@@ -1,0 +1,124 @@
+"""Evaluate generated samples: FID, sFID, Inception Score, precision and recall.
+
+    python -m repa_fast.evaluate --samples samples.npz \\
+        --ref VIRTUAL_imagenet256_labeled.npz --out results.json
+
+``--samples``: ``.npz`` with ``arr_0``, uint8 images ``N × H × W × 3`` (what ADM's and REPA's
+sampling scripts write). ``--ref``: ``.npz`` with reference images ``arr_0`` and/or stored
+statistics ``mu``/``sigma``/``mu_s``/``sigma_s`` (ADM's reference batches have both; stored
+statistics are then used for FID/sFID, images for precision/recall). The Inception weights
+come from a local file only: ``--inception-weights``, else ``$REPA_FAST_INCEPTION_WEIGHTS``,
+else ``ckpts/pt_inception-2015-12-05-6726825d.pth`` (download it from
+:data:`repa_fast.evaluation.WEIGHTS_URL`). Writes JSON (``--out``, or stdout) and prints a
+one-line summary. Exit code 2 for bad input (files, keys, shapes, dtypes, counts, weights).
+
+Definitions follow ADM's evaluator (openai/guided-diffusion ``evaluations/evaluator.py``):
+FID on ``pool_3`` (2048), sFID on the first 7 channels of ``mixed_6/conv`` (17·17·7 = 2023),
+IS from the softmax of the bias-free 1008-way logits in splits of 5000, precision/recall with
+k = 3 nearest-neighbour balls on ``pool_3``, reference = manifold of the reference images.
+
+How these numbers compare with ADM's TensorFlow evaluator: **not yet measured** (there is no
+TensorFlow and no copy of the weights where this was written). Expected to agree closely but
+not bit for bit; the known sources of difference are:
+
+* Network: the same 2015-12-05 FID Inception graph, its weights ported to PyTorch by
+  torch-fidelity, but run with PyTorch/cuDNN kernels instead of TensorFlow's (TF32 is turned
+  off here while extracting features).
+* Resize: TensorFlow resizes inside the graph (``ResizeBilinear``, TF 1.x semantics);
+  torch-fidelity reimplements that resize (its "slow" method: bit-exact on CPU, ~1e-4
+  max error on GPU by its own account).
+* Statistics: the mean is accumulated in float64 here (ADM: float32), the covariance in
+  float64 in both.
+* Precision/recall: ADM computes distances in float16 on the GPU; here the inputs, norms,
+  products and results are rounded to float16 in the same order (``--pr-distance-dtype``),
+  products accumulated in float32; TensorFlow's accumulation order differs.
+* ``--fid-method eigh`` is an exact alternative to ADM's ``scipy.linalg.sqrtm``; it differs
+  only by round-off, but for comparisons with published numbers keep the default ``sqrtm``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+from .evaluation.errors import EvaluationInputError
+from .evaluation.inception import DEFAULT_WEIGHTS, WEIGHTS_ENV
+from .evaluation.metrics import DISTANCE_DTYPES, FID_METHODS
+from .evaluation.pipeline import compute_metrics, format_summary
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m repa_fast.evaluate",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", required=True, help=".npz with arr_0: uint8 N×H×W×3 samples")
+    p.add_argument("--ref", required=True,
+                   help=".npz with reference images arr_0 and/or stored mu/sigma/mu_s/sigma_s")
+    p.add_argument("--out", default=None, help="write the JSON results here (default: stdout)")
+    p.add_argument("--inception-weights", default=None,
+                   help=f"local Inception weights file (default: ${WEIGHTS_ENV}, else "
+                        f"{DEFAULT_WEIGHTS})")
+    p.add_argument("--batch-size", type=_positive_int, default=128,
+                   help="images per Inception forward pass (default: 128)")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--num-samples", type=_positive_int, default=None,
+                   help="evaluate the first N samples; an error if the file has fewer")
+    p.add_argument("--exact-count", action="store_true",
+                   help="also an error if the file has more than --num-samples")
+    p.add_argument("--fid-method", choices=FID_METHODS, default="sqrtm",
+                   help="sqrtm (default): ADM's scipy.linalg.sqrtm; eigh: exact "
+                        "symmetric-eigenvalue route (faster; differs by round-off)")
+    p.add_argument("--pr-distance-dtype", choices=DISTANCE_DTYPES, default="float16",
+                   help="precision/recall distances: float16 as ADM (default), or float32")
+    p.add_argument("--cache", action="store_true",
+                   help="reuse/write Inception activations beside each .npz "
+                        "(NAME.inception-acts.npz)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    try:
+        result = compute_metrics(
+            args.samples, args.ref, weights=args.inception_weights, device=args.device,
+            batch_size=args.batch_size, num_samples=args.num_samples,
+            exact_count=args.exact_count, fid_method=args.fid_method,
+            pr_distance_dtype=args.pr_distance_dtype, cache=args.cache, log=log)
+    except EvaluationInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=2)
+    summary = format_summary(result)
+    if args.out is None:
+        print(text)
+        print(summary, file=sys.stderr)  # stdout stays pure JSON
+    else:
+        directory = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(directory, exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+        print(summary)
+        print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

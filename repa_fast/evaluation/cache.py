@@ -1,0 +1,66 @@
+"""Optional cache of an ``.npz`` batch's Inception activations, kept beside it (``--cache``).
+
+``samples.npz`` → ``samples.inception-acts.npz`` holding ``pool``, ``spatial`` and ``logits``
+of its first ``count`` images, plus a JSON ``meta`` entry that ties them to the source file
+(size and modification time) and to the weights (SHA-256). A cache whose ``meta`` does not
+match, or that holds fewer images than asked for, is ignored and rewritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .features import Activations
+
+FORMAT = 1
+SUFFIX = ".inception-acts.npz"
+
+
+def cache_path(source: Path) -> Path:
+    return source.with_name(source.name[:-len(".npz")] + SUFFIX if source.name.endswith(".npz")
+                            else source.name + SUFFIX)
+
+
+def _meta(source: Path, weights_sha256: str) -> dict:
+    st = source.stat()
+    return {"format": FORMAT, "source": source.name, "source_size": st.st_size,
+            "source_mtime_ns": st.st_mtime_ns, "weights_sha256": weights_sha256}
+
+
+def load_cached(source: Path, weights_sha256: str, count: int) -> Optional[Activations]:
+    """The first ``count`` cached activations of ``source``, or ``None`` when there is no
+    valid cache for this file and these weights."""
+    path = cache_path(source)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta != _meta(source, weights_sha256) or len(data["pool"]) < count:
+                return None
+            return Activations(data["pool"][:count], data["spatial"][:count],
+                               data["logits"][:count])
+    except (OSError, ValueError, KeyError):  # unreadable or foreign file: recompute
+        return None
+
+
+def save_cached(source: Path, weights_sha256: str, acts: Activations) -> Path:
+    """Write ``acts`` as the cache of ``source``, atomically (temp file + rename)."""
+    path = cache_path(source)
+    meta = json.dumps(_meta(source, weights_sha256))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, pool=acts.pool, spatial=acts.spatial, logits=acts.logits,
+                     meta=np.array(meta))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

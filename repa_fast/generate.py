@@ -1,0 +1,420 @@
+"""Sample many images from a SiT checkpoint into an ADM-evaluator ``.npz``, resumably.
+
+    python -m repa_fast.generate --ckpt CKPT [--vae SD_VAE] ...            one process
+    torchrun --nproc_per_node N -m repa_fast.generate --ckpt CKPT ...      N processes
+    deepspeed --module repa_fast.generate --ckpt CKPT ...                  same, DeepSpeed launcher
+    python -m repa_fast.generate --ckpt CKPT --grid --class-labels 1,2,3 --seeds 0,1 --out g.png
+
+The official ``generate.py``'s flags and defaults, plus ``--weights``, ``--vae PATH``,
+``--mixed-precision``, ``--compile``/``--compile-mode``, ``--attn-backend`` and the grid flags.
+Sample ``i`` is drawn from its own random stream (``repa_fast.generation.seeding``), so the
+samples do not depend on the number of processes, and a restarted run regenerates only the
+batches that are missing PNGs and ends with the same ``.npz``. Bad inputs exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+import torch
+
+if __name__ == "__main__" and not __package__:  # run as a file: deepspeed repa_fast/generate.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "repa_fast"
+
+from .attention import CHOICES as ATTN_BACKENDS
+from .generation.errors import UsageError
+from .generation.loading import ModelSpec, load_checkpoint
+from .generation.output import (check_settings, existing_indices, make_grid, png_path,
+                                save_png_atomic, wait_all, write_npz_from_pngs)
+from .generation.sampler import COMPILE_MODES, SamplerConfig, Velocity, sample_latents, to_uint8
+from .generation.seeding import initial_draws
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
+PNG_WRITERS = 4          # threads encoding PNGs while the next batch samples
+BATCHES_IN_FLIGHT = 2    # batches of PNGs queued before the sampler waits for the writers
+
+
+# --------------------------------------------------------------------------- command line
+
+def _int_list(flag: str):
+    def parse(text: str) -> list:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        return values
+    parse.__name__ = flag
+    return parse
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (flags whose default comes from the checkpoint)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m repa_fast.generate",
+                                description=__doc__.split("\n")[0],
+                                formatter_class=_HelpFormatter)
+    bool_flag = dict(action=argparse.BooleanOptionalAction, default=None)
+    g = p.add_argument_group("checkpoint and model (default: from the checkpoint)")
+    g.add_argument("--ckpt", required=True, help="official REPA / repa_fast checkpoint, or a "
+                   "bare state dict")
+    g.add_argument("--weights", choices=["ema", "model"], default="ema",
+                   help="which weights of a training checkpoint")
+    g.add_argument("--model", help="e.g. SiT-XL/2")
+    g.add_argument("--num-classes", type=int)
+    g.add_argument("--encoder-depth", type=int)
+    g.add_argument("--projector-embed-dims", type=_int_list("--projector-embed-dims"),
+                   help="checked against the projector weights, e.g. 768")
+    g.add_argument("--qk-norm", **bool_flag)
+    g.add_argument("--fused-attn", **bool_flag)
+    g.add_argument("--resolution", type=int, help="image size in pixels (256, 512, ...)")
+    g.add_argument("--vae", help="local SD-VAE folder or file, for latent-space checkpoints")
+    g.add_argument("--attn-backend", choices=ATTN_BACKENDS, default=None)
+    g.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
+                   help="accepted for compatibility: the legacy 'decoder_blocks' layout is "
+                   "detected and converted by itself")
+    g = p.add_argument_group("sampling (official names and defaults)")
+    g.add_argument("--mode", choices=["sde", "ode"], default="ode",
+                   help="Euler-Maruyama SDE or Euler/Heun ODE sampler")
+    g.add_argument("--num-steps", type=int, default=50, help="sampler steps")
+    g.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
+                   help="Heun's correction (ODE only)")
+    g.add_argument("--cfg-scale", type=float, default=1.5, help="1.0: no guidance")
+    g.add_argument("--guidance-low", type=float, default=0.0,
+                   help="CFG only for guidance-low <= t <= guidance-high")
+    g.add_argument("--guidance-high", type=float, default=1.0, help="e.g. 0.7 (paper)")
+    g.add_argument("--path-type", choices=["linear", "cosine"], default=None,
+                   help="default: the checkpoint's, else linear")
+    g.add_argument("--global-seed", type=int, default=0, help="seeds every sample's stream")
+    g.add_argument("--per-proc-batch-size", type=int, default=32, help="samples per batch")
+    g.add_argument("--num-fid-samples", type=int, default=50_000, help="samples in the .npz")
+    g.add_argument("--sample-dir", default="samples",
+                   help="PNGs go to <sample-dir>/<run name>/, the .npz beside them")
+    g = p.add_argument_group("speed")
+    g.add_argument("--mixed-precision", choices=list(PRECISIONS), default=None,
+                   help="model call in bf16 autocast or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 matmuls for fp32 work on GPU, as official")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model call")
+    g.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="reduce-overhead / max-autotune also capture CUDA graphs")
+    g = p.add_argument_group("quick-look grid")
+    g.add_argument("--grid", action="store_true", help="write one grid PNG instead: rows = "
+                   "--class-labels, columns = --seeds")
+    g.add_argument("--class-labels", type=_int_list("--class-labels"),
+                   help="comma-separated rows, e.g. 207,360,387 (default: the first 8 classes)")
+    g.add_argument("--seeds", type=_int_list("--seeds"),
+                   help="comma-separated columns: the noise of sample 0 of a run with that "
+                   "--global-seed (default: 0,1,2,3)")
+    g.add_argument("--out", help="grid PNG path (default: <sample-dir>/<run name>-grid.png)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher; env vars win
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise UsageError naming the flag for values that cannot work (before any loading)."""
+    def need(ok: bool, flag: str, expected: str, given) -> None:
+        if not ok:
+            raise UsageError(f"{flag} must be {expected}; got {given}")
+
+    need(args.num_fid_samples >= 1, "--num-fid-samples", ">= 1", args.num_fid_samples)
+    need(args.per_proc_batch_size >= 1, "--per-proc-batch-size", ">= 1",
+         args.per_proc_batch_size)
+    need(args.num_steps >= 1, "--num-steps", ">= 1", args.num_steps)
+    need(args.cfg_scale >= 1.0, "--cfg-scale", ">= 1.0 (1.0: no guidance), as official",
+         args.cfg_scale)
+    for flag, value in (("--guidance-low", args.guidance_low),
+                        ("--guidance-high", args.guidance_high)):
+        need(0.0 <= value <= 1.0, flag, "in [0, 1] (a time of the sampler)", value)
+    need(args.guidance_low <= args.guidance_high, "--guidance-low",
+         f"<= --guidance-high ({args.guidance_high})", args.guidance_low)
+    for flag, value in (("--num-classes", args.num_classes),
+                        ("--encoder-depth", args.encoder_depth),
+                        ("--resolution", args.resolution)):
+        need(value is None or value >= 1, flag, ">= 1", value)
+    if not args.grid:
+        for flag in ("class_labels", "seeds", "out"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')} is for --grid; pass --grid too")
+    if args.grid and args.seeds is not None and any(s < 0 for s in args.seeds):
+        raise UsageError(f"--seeds must be >= 0; got {args.seeds}")
+    if not os.path.isfile(args.ckpt):
+        raise UsageError(f"--ckpt: checkpoint file not found: {args.ckpt!r}")
+
+
+def model_flags(args: argparse.Namespace) -> dict:
+    """The model flags as given (None: not given)."""
+    return dict(model=args.model, num_classes=args.num_classes, encoder_depth=args.encoder_depth,
+                projector_embed_dims=args.projector_embed_dims, qk_norm=args.qk_norm,
+                fused_attn=args.fused_attn, resolution=args.resolution, path_type=args.path_type,
+                attn_backend=args.attn_backend)
+
+
+# --------------------------------------------------------------------------- processes
+
+class Processes:
+    """Rank and world size from torchrun / the deepspeed launcher (or one process); gloo on
+    the CPU, nccl on GPUs (one per local rank)."""
+
+    def __init__(self):
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self._owns_group = False
+        if self.world_size > 1 and not torch.distributed.is_initialized():
+            # rank 0 packs the .npz while the others wait at the last barrier: allow for it
+            torch.distributed.init_process_group(
+                "nccl" if self.device.type == "cuda" else "gloo",
+                timeout=datetime.timedelta(hours=2))
+            self._owns_group = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj):
+        """``obj`` from rank 0 on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self._owns_group:
+            torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- set-up
+
+def load_decoder(spec: ModelSpec, vae_path: Optional[str], device: torch.device):
+    """``(vae or None, latents_scale)``: nothing for pixel space, else the local SD-VAE."""
+    if spec.pixel_space:
+        return None, 1.0
+    from .vae import SD_SCALE, SD_VAE_URLS, load_vae
+    if not vae_path:
+        raise UsageError(f"--vae: this checkpoint samples SD-VAE latents ({spec.in_channels}×"
+                         f"{spec.input_size}×{spec.input_size} for {spec.resolution}px images); "
+                         f"pass --vae PATH, a local SD-VAE folder or file ({SD_VAE_URLS})")
+    if vae_path in ("ema", "mse") and not os.path.exists(vae_path):
+        raise UsageError(f"--vae {vae_path}: the official flag names stabilityai/sd-vae-ft-"
+                         f"{vae_path} on the Hugging Face hub; here --vae takes a local copy: "
+                         f"{SD_VAE_URLS}")
+    try:
+        vae = load_vae(vae_path, device=device)
+    except (FileNotFoundError, ValueError, ImportError, OSError) as error:
+        raise UsageError(f"--vae {vae_path}: {error}") from error
+    channels = int(vae.config.latent_channels)
+    if channels != spec.in_channels:
+        raise UsageError(f"--vae {vae_path}: its latents have {channels} channels, the SiT reads "
+                         f"{spec.in_channels}")
+    return vae, float(getattr(vae.config, "scaling_factor", None) or SD_SCALE)
+
+
+def run_name(args: argparse.Namespace, spec: ModelSpec) -> str:
+    """The official folder name (model, checkpoint, size, VAE, cfg, seed, mode) plus the step
+    count and, when not the defaults, the guidance interval, Heun and the weights used."""
+    ckpt = os.path.splitext(os.path.basename(args.ckpt))[0]
+    parent = os.path.dirname(os.path.abspath(args.ckpt))
+    if os.path.basename(parent) == "checkpoints":  # <exp>/checkpoints/0400000.pt -> exp-0400000
+        ckpt = f"{os.path.basename(os.path.dirname(parent))}-{ckpt}"
+    vae = "pixel" if spec.pixel_space else os.path.basename(os.path.normpath(args.vae))
+    name = (f"{spec.model.replace('/', '-')}-{ckpt}-size-{spec.resolution}-vae-{vae}-"
+            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.mode}-{args.num_steps}")
+    if (args.guidance_low, args.guidance_high) != (0.0, 1.0):
+        name += f"-interval-{args.guidance_low}-{args.guidance_high}"
+    if args.heun and args.mode == "ode":
+        name += "-heun"
+    if args.weights != "ema":
+        name += f"-{args.weights}"
+    return name
+
+
+def run_settings(args: argparse.Namespace, spec: ModelSpec, sampler: SamplerConfig,
+                 precision: str) -> dict:
+    """Everything that changes the samples (beyond rounding): a resumed run must match it.
+    Batch size, process count, compilation and attention backend only change rounding."""
+    return dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, spec=spec.to_dict(),
+                vae=os.path.abspath(args.vae) if args.vae and not spec.pixel_space else None,
+                sampler=sampler.to_dict(), global_seed=args.global_seed,
+                mixed_precision=precision, seeding="per-sample streams, repa_fast v1")
+
+
+# --------------------------------------------------------------------------- generation
+
+def pending_batches(folder: str, num: int, batch: int) -> list:
+    """Batches ``b`` (indices ``b·batch .. b·batch + batch - 1``) with a sample < ``num``
+    whose PNG is missing. Batches are fixed by the batch size, so a regenerated batch holds
+    the same samples as the first attempt (the same rounding in batched kernels)."""
+    done = existing_indices(folder)
+    return [b for b in range(math.ceil(num / batch))
+            if any(i not in done for i in range(b * batch, min((b + 1) * batch, num)))]
+
+
+def sample_images(velocity: Velocity, sampler: SamplerConfig, vae, latents_scale: float,
+                  device: torch.device, latents: torch.Tensor, labels: torch.Tensor,
+                  generators: list):
+    """One batch of uint8 images [B, H, W, 3] from its initial draws."""
+    samples = sample_latents(velocity, latents.to(device), labels.to(device), generators,
+                             sampler)
+    return to_uint8(samples, vae, latents_scale)
+
+
+def generate_samples(args, procs: Processes, velocity: Velocity, spec: ModelSpec,
+                     sampler: SamplerConfig, vae, latents_scale: float, settings: dict) -> str:
+    """Write the missing PNGs of this rank's batches, then (rank 0) the ``.npz``; returns its
+    path."""
+    folder = os.path.join(args.sample_dir, run_name(args, spec))
+    num, batch = args.num_fid_samples, args.per_proc_batch_size
+    plan = None
+    if procs.main:
+        plan = check_settings(folder, settings) or pending_batches(folder, num, batch)
+    plan = procs.broadcast(plan)  # one scan, before anyone writes: every rank sees the same plan
+    if isinstance(plan, str):
+        raise UsageError(plan)
+    mine = plan[procs.rank::procs.world_size]
+    todo = sum(min(batch, num - b * batch) for b in plan)
+    if procs.main:
+        print(f"repa_fast.generate: {spec.model} {'pixel space' if spec.pixel_space else 'latents'}"
+              f" {spec.resolution}px, {args.mode} {args.num_steps} steps, cfg {args.cfg_scale}; "
+              f"{num - todo} of {num} samples exist, {todo} to make on {procs.world_size} "
+              f"process(es); PNGs in {folder}", flush=True)
+    from tqdm import tqdm
+    bar = tqdm(total=todo, unit="img", disable=not procs.main, dynamic_ncols=True,
+               desc="sampling", smoothing=0.1)
+    shape = (spec.in_channels, spec.input_size, spec.input_size)
+    in_flight: deque = deque()
+    with ThreadPoolExecutor(PNG_WRITERS) as writers:
+        for b in mine:
+            # the whole batch, padded past num: the same batch composition in every run
+            indices = range(b * batch, (b + 1) * batch)
+            latents, labels, generators = initial_draws(indices, args.global_seed,
+                                                        spec.num_classes, shape)
+            images = sample_images(velocity, sampler, vae, latents_scale, procs.device,
+                                   latents, labels, generators)
+            kept = [(i, image) for i, image in zip(indices, images) if i < num]
+            in_flight.append([writers.submit(save_png_atomic, image, png_path(folder, i))
+                              for i, image in kept])
+            if len(in_flight) > BATCHES_IN_FLIGHT:
+                wait_all(in_flight.popleft())
+            # rank 0 counts every rank's progress as its own (they run in step)
+            bar.update(min(len(kept) * procs.world_size, bar.total - bar.n))
+        while in_flight:
+            wait_all(in_flight.popleft())
+    bar.close()
+    procs.barrier()  # every PNG is on disk
+    npz = folder + ".npz"
+    if procs.main:
+        start = time.perf_counter()
+        shape = write_npz_from_pngs(folder, num, npz)
+        print(f"saved {npz} [arr_0: uint8 {list(shape)}] in {time.perf_counter() - start:.1f}s",
+              flush=True)
+    procs.barrier()
+    return npz
+
+
+def generate_grid(args, velocity: Velocity, spec: ModelSpec, sampler: SamplerConfig, vae,
+                  latents_scale: float, device: torch.device) -> str:
+    """One PNG: row r is class ``--class-labels[r]``, column c the noise of sample 0 of a
+    ``--global-seed --seeds[c]`` run (the same noise down a column)."""
+    labels = args.class_labels if args.class_labels is not None else \
+        list(range(min(8, spec.num_classes)))
+    seeds = args.seeds if args.seeds is not None else [0, 1, 2, 3]
+    bad = [label for label in labels if not 0 <= label < spec.num_classes]
+    if bad:
+        raise UsageError(f"--class-labels must be in [0, {spec.num_classes - 1}] (the "
+                         f"checkpoint's classes); got {bad}")
+    shape = (spec.in_channels, spec.input_size, spec.input_size)
+    columns = [initial_draws([0], seed, spec.num_classes, shape) for seed in seeds]
+    cells = [(label, column) for label in labels for column in columns]
+    images = []
+    for start in range(0, len(cells), args.per_proc_batch_size):
+        chunk = cells[start:start + args.per_proc_batch_size]
+        # each cell copies its column's generator: equal noise down the column
+        generators = [torch.Generator().set_state(col[2][0].get_state()) for _, col in chunk]
+        cell_labels = torch.tensor([label for label, _ in chunk])
+        latents = torch.cat([col[0] for _, col in chunk])
+        images.append(sample_images(velocity, sampler, vae, latents_scale, device, latents,
+                                    cell_labels, generators))
+    grid = make_grid(np.concatenate(images), len(labels), len(seeds))
+    out = args.out or os.path.join(args.sample_dir, run_name(args, spec) + "-grid.png")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_png_atomic(grid, out)
+    print(f"saved {out} [{len(labels)} classes × {len(seeds)} seeds, {grid.shape[1]}×"
+          f"{grid.shape[0]} px]", flush=True)
+    return out
+
+
+def run(args: argparse.Namespace, procs: Processes) -> str:
+    """Load, check and sample; returns the path written (``.npz`` or grid PNG)."""
+    if args.grid and procs.world_size > 1:
+        raise UsageError(f"--grid runs in one process; got WORLD_SIZE={procs.world_size}")
+    device = procs.device
+    precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "fp32")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    model, spec, _ = load_checkpoint(args.ckpt, args.weights, model_flags(args))
+    if args.cfg_scale > 1.0 and not spec.has_null_class:
+        raise UsageError(f"--cfg-scale {args.cfg_scale} needs the CFG null class, but this "
+                         f"checkpoint's label table has none (trained with cfg_prob 0): use "
+                         f"--cfg-scale 1.0")
+    vae, latents_scale = load_decoder(spec, args.vae, device)
+    sampler = SamplerConfig(mode=args.mode, num_steps=args.num_steps, heun=args.heun,
+                            cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
+                            guidance_high=args.guidance_high, path_type=spec.path_type)
+    velocity = Velocity(model.to(device), autocast_dtype=PRECISIONS[precision],
+                        compile=args.compile, compile_mode=args.compile_mode)
+    # Samples draw only from their own streams; seeding the global RNG as well keeps anything
+    # else that might draw from it (nothing does today) reproducible.
+    torch.manual_seed(args.global_seed)
+    if args.grid:
+        return generate_grid(args, velocity, spec, sampler, vae, latents_scale, device)
+    settings = run_settings(args, spec, sampler, precision)
+    return generate_samples(args, procs, velocity, spec, sampler, vae, latents_scale, settings)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)  # argparse itself exits with 2 on malformed flags
+    procs = None
+    try:
+        check_args(args)
+        procs = Processes()
+        with torch.no_grad():
+            run(args, procs)
+    except (ValueError, FileNotFoundError) as error:  # UsageError is a ValueError
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if procs is not None:
+            procs.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Load a SiT for sampling from an official REPA checkpoint, one of ours, or a bare state dict.
+
+Where each setting comes from, first match wins:
+
+1. the command-line flag;
+2. the checkpoint's ``args`` (an ``argparse.Namespace`` in official checkpoints, a plain dict of
+   :class:`repa_fast.training.config.TrainConfig` fields in ours);
+3. the weights themselves: patch size, width and depth (hence the model name), input channels
+   and size, the projectors' ``z_dims`` and width, ``qk_norm``, and whether the label table has
+   the CFG null row;
+4. the official default (``num_classes`` 1000, ``encoder_depth`` 8, ``fused_attn``), where it fits.
+
+Whatever is given is checked against the weights, with errors that name the flag. A checkpoint
+is in pixel space when the SiT's ``input_size`` equals the image resolution (the CPU demo:
+3 channels, 32×32), and in SD-VAE latent space when ``resolution = 8·input_size``.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Mapping, Optional
+
+import torch
+
+from ..models import SiT_models, extract_state_dict, read_checkpoint
+from .errors import UsageError
+
+VAE_FACTOR = 8  # the SD-VAE's spatial down-sampling
+
+
+@dataclass(frozen=True)
+class Weights:
+    """What the state dict says about the architecture."""
+
+    in_channels: int
+    patch_size: int
+    input_size: int
+    hidden_size: int
+    depth: int
+    z_dims: tuple
+    projector_dim: Optional[int]
+    qk_norm: bool
+    label_rows: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved SiT configuration for sampling."""
+
+    model: str
+    num_classes: int
+    encoder_depth: int
+    z_dims: tuple
+    projector_dim: int
+    qk_norm: bool
+    fused_attn: bool
+    resolution: int
+    input_size: int
+    in_channels: int
+    has_null_class: bool
+    path_type: str
+
+    @property
+    def pixel_space(self) -> bool:
+        return self.input_size == self.resolution
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), z_dims=list(self.z_dims), pixel_space=self.pixel_space)
+
+
+def checkpoint_args(checkpoint: Mapping) -> dict:
+    """The ``args`` of a training checkpoint as a dict (empty for a bare state dict)."""
+    args = checkpoint.get("args") if "ema" in checkpoint or "model" in checkpoint else None
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, Mapping) else {}
+
+
+def inspect_weights(state_dict: Mapping[str, torch.Tensor]) -> Weights:
+    """Read the architecture off a SiT state dict."""
+    for key in ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight"):
+        if key not in state_dict:
+            raise UsageError(f"--ckpt: not a SiT checkpoint (no {key!r} in the weights; found "
+                             f"{sorted(state_dict)[:5]}...)")
+    hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
+    grid = math.isqrt(state_dict["pos_embed"].shape[1])
+    blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")}
+    projectors = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("projectors.")})
+    z_dims = tuple(int(state_dict[f"projectors.{k}.4.weight"].shape[0]) for k in projectors)
+    projector_dim = (int(state_dict["projectors.0.0.weight"].shape[0]) if projectors else None)
+    return Weights(in_channels=int(in_channels), patch_size=int(patch), input_size=grid * patch,
+                   hidden_size=int(hidden), depth=max(blocks) + 1 if blocks else 0,
+                   z_dims=z_dims, projector_dim=projector_dim,
+                   qk_norm="blocks.0.attn.q_norm.weight" in state_dict,
+                   label_rows=int(state_dict["y_embedder.embedding_table.weight"].shape[0]))
+
+
+@functools.lru_cache(maxsize=None)
+def _architecture(name: str) -> tuple:
+    """(depth, hidden_size, patch_size) of a model name, from a parameter-free build."""
+    with torch.device("meta"):
+        model = SiT_models[name](input_size=8, z_dims=[], num_classes=1, encoder_depth=1)
+    return len(model.blocks), model.hidden_size, model.patch_size
+
+
+def _fits(name: str, weights: Weights) -> bool:
+    return _architecture(name) == (weights.depth, weights.hidden_size, weights.patch_size)
+
+
+def _pick(flag, saved, fallback=None):
+    """Flag, else the checkpoint's args, else the fallback."""
+    if flag is not None:
+        return flag
+    return saved if saved is not None else fallback
+
+
+def _resolve_model(flag: Optional[str], saved: Optional[str], weights: Weights) -> str:
+    name = _pick(flag, saved)
+    source = "--model" if flag is not None else "the checkpoint's args.model"
+    if name is not None and name not in SiT_models:
+        raise UsageError(f"{source} must be one of {', '.join(SiT_models)}; got {name!r}")
+    if name is not None and _fits(name, weights):
+        return name
+    matches = [candidate for candidate in SiT_models if _fits(candidate, weights)]
+    found = (f"depth {weights.depth}, hidden size {weights.hidden_size}, patch size "
+             f"{weights.patch_size}" + (f": {', '.join(matches)}" if matches else ""))
+    if name is not None:
+        raise UsageError(f"{source} {name} does not match the checkpoint's weights ({found})")
+    if len(matches) != 1:
+        raise UsageError(f"--model: the checkpoint does not say which model it holds and its "
+                         f"weights ({found}) do not identify one; pass --model")
+    return matches[0]
+
+
+def _resolve_num_classes(flag, saved, weights: Weights) -> int:
+    rows = weights.label_rows
+    num_classes = _pick(flag, saved)
+    if num_classes is None:
+        # Official models always carry the null row; 1000/1001 rows is ImageNet either way.
+        if rows in (1000, 1001):
+            return 1000
+        raise UsageError(f"--num-classes: the checkpoint does not say how many classes it has "
+                         f"and its label table has {rows} rows ({rows - 1} classes + the CFG "
+                         f"null class, or {rows} classes); pass --num-classes")
+    if rows not in (num_classes, num_classes + 1):
+        source = "--num-classes" if flag is not None else "the checkpoint's args.num_classes"
+        raise UsageError(f"{source} {num_classes} does not match the checkpoint's label table "
+                         f"({rows} rows: {rows - 1} classes + the CFG null class, or {rows})")
+    return num_classes
+
+
+def _resolve_resolution(flag, saved, weights: Weights) -> int:
+    size = weights.input_size
+    allowed = (size, VAE_FACTOR * size)
+    if flag is None and saved is None:
+        # The demo's pixel-space models read 3 channels; everything else is SD-VAE latents.
+        return size if weights.in_channels == 3 else VAE_FACTOR * size
+    resolution = _pick(flag, saved)
+    if resolution not in allowed:
+        source = "--resolution" if flag is not None else "the checkpoint's args.resolution"
+        raise UsageError(f"{source} {resolution} does not match the checkpoint: its SiT takes "
+                         f"{size}×{size} inputs, so the resolution is {size} in pixel space or "
+                         f"{VAE_FACTOR * size} with the SD-VAE")
+    return resolution
+
+
+def resolve_spec(flags: Mapping, args: Mapping, weights: Weights) -> ModelSpec:
+    """Combine flags (None = not given), the checkpoint's args and the weights (module doc)."""
+    model = _resolve_model(flags.get("model"), args.get("model"), weights)
+    num_classes = _resolve_num_classes(flags.get("num_classes"), args.get("num_classes"), weights)
+    encoder_depth = _pick(flags.get("encoder_depth"), args.get("encoder_depth"),
+                          min(8, weights.depth))
+    if not 1 <= encoder_depth <= weights.depth:
+        raise UsageError(f"--encoder-depth must be between 1 and the model's depth "
+                         f"({weights.depth}); got {encoder_depth}")
+    z_flag = flags.get("projector_embed_dims")
+    if z_flag is not None and tuple(z_flag) != weights.z_dims:
+        raise UsageError(f"--projector-embed-dims {','.join(map(str, z_flag))} does not match "
+                         f"the checkpoint's projectors (z_dims "
+                         f"{','.join(map(str, weights.z_dims)) or 'none'})")
+    qk_norm = flags.get("qk_norm")
+    if qk_norm is not None and qk_norm != weights.qk_norm:
+        raise UsageError(f"--{'' if qk_norm else 'no-'}qk-norm does not match the checkpoint, "
+                         f"whose attention {'has' if weights.qk_norm else 'has no'} q/k norms")
+    resolution = _resolve_resolution(flags.get("resolution"), args.get("resolution"), weights)
+    pixel_space = resolution == weights.input_size
+    if weights.in_channels != (3 if pixel_space else 4):
+        space = "a pixel-space model must read 3 (RGB)" if pixel_space else \
+            "an SD-VAE latent model must read 4"
+        raise UsageError(f"--resolution {resolution}: {space} channels; this checkpoint reads "
+                         f"{weights.in_channels}")
+    path_type = _pick(flags.get("path_type"), args.get("path_type"), "linear")
+    if path_type not in ("linear", "cosine"):
+        raise UsageError(f"--path-type must be linear or cosine; the checkpoint's args say "
+                         f"{path_type!r}")
+    return ModelSpec(
+        model=model, num_classes=num_classes, encoder_depth=int(encoder_depth),
+        z_dims=weights.z_dims, projector_dim=weights.projector_dim or 2048,
+        qk_norm=weights.qk_norm,
+        fused_attn=bool(_pick(flags.get("fused_attn"), args.get("fused_attn"), True)),
+        resolution=int(resolution), input_size=weights.input_size,
+        in_channels=weights.in_channels, has_null_class=weights.label_rows == num_classes + 1,
+        path_type=path_type)
+
+
+def build_model(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor],
+                attn_backend: Optional[str] = None) -> torch.nn.Module:
+    """The SiT of ``spec`` holding ``state_dict`` (fp32, eval mode, no grad, on the CPU).
+
+    Built on the meta device and filled with ``assign=True``: no time is spent initialising
+    weights that are overwritten, and no second copy of them is made.
+    """
+    with torch.device("meta"):
+        model = SiT_models[spec.model](
+            input_size=spec.input_size, in_channels=spec.in_channels,
+            num_classes=spec.num_classes, use_cfg=spec.has_null_class,
+            class_dropout_prob=0.1 if spec.has_null_class else 0.0, z_dims=list(spec.z_dims),
+            encoder_depth=spec.encoder_depth, projector_dim=spec.projector_dim,
+            qk_norm=spec.qk_norm, fused_attn=spec.fused_attn, attn_backend=attn_backend,
+            # labels are checked once per run; the per-call range check would sync the GPU
+            validate_inputs=False)
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as error:
+        raise UsageError(f"--ckpt: the weights do not fit {spec.model} with this configuration "
+                         f"({error})") from error
+    return model.float().eval().requires_grad_(False)
+
+
+def load_checkpoint(path: str, which: str, flags: Mapping):
+    """``(model, spec, args)`` from a checkpoint file; ``which`` is ``ema`` or ``model``."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--ckpt: checkpoint file not found: {path!r}")
+    try:
+        checkpoint = read_checkpoint(path)
+    except Exception as error:  # unpickling errors come in many types
+        raise UsageError(f"--ckpt: cannot read {path!r} as a torch checkpoint ({error})") from error
+    if not isinstance(checkpoint, Mapping):
+        raise UsageError(f"--ckpt: {path!r} holds a {type(checkpoint).__name__}, not a "
+                         f"checkpoint dict or a state dict")
+    args = checkpoint_args(checkpoint)
+    depth_hint = _pick(flags.get("encoder_depth"), args.get("encoder_depth"), 8)
+    try:
+        state_dict = extract_state_dict(checkpoint, which, depth_hint)
+    except ValueError as error:
+        raise UsageError(f"--weights {which}: {error}") from error
+    weights = inspect_weights(state_dict)
+    spec = resolve_spec(flags, args, weights)
+    return build_model(spec, state_dict, flags.get("attn_backend")), spec, args

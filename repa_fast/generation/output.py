@@ -1,0 +1,128 @@
+"""Files of a generation run: PNGs, the ADM ``.npz``, the settings record, grids.
+
+Every file is written under a temporary name and renamed into place, so a run killed at any
+moment leaves only complete files under their final names: a resumed run can trust any
+``NNNNNN.png`` it finds (empty files, which only a crash of the machine could leave, count as
+missing).
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Mapping, Optional
+
+import numpy as np
+
+SETTINGS_FILE = "settings.json"
+
+
+def png_path(folder: str, index: int) -> str:
+    return os.path.join(folder, f"{index:06d}.png")
+
+
+def save_png_atomic(image: np.ndarray, path: str) -> None:
+    """Write a uint8 [H, W, 3] image as PNG: to ``path.tmp``, then renamed over ``path``."""
+    from PIL import Image
+    tmp = path + ".tmp"
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def existing_indices(folder: str) -> set:
+    """Indices ``i`` with a non-empty ``{i:06d}.png`` in ``folder``."""
+    found = set()
+    if not os.path.isdir(folder):
+        return found
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            stem, ext = os.path.splitext(entry.name)
+            if ext == ".png" and stem.isdigit() and entry.stat().st_size > 0:
+                found.add(int(stem))
+    return found
+
+
+def _read_png(path: str) -> np.ndarray:
+    from PIL import Image
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def write_npz_from_pngs(folder: str, num: int, path: str, threads: int = 8) -> tuple:
+    """Pack ``folder/000000.png .. {num-1}.png`` into ``path`` as ``arr_0`` (uint8 [num, H, W, 3],
+    index order), the layout the ADM evaluator reads; returns the array's shape.
+
+    The array is streamed into the (uncompressed, zip64) ``.npz`` one image at a time, so
+    50 000 images at 512 px (39 GB) do not need to fit in memory; PNGs are decoded by a thread
+    pool, in order. ``np.load(path)["arr_0"]`` gives the same array ``np.savez`` would write.
+    """
+    from numpy.lib import format as npy_format
+    missing = [i for i in range(num) if not os.path.isfile(png_path(folder, i))]
+    if missing:
+        raise FileNotFoundError(f"cannot write {path}: {len(missing)} of {num} samples are "
+                                f"missing in {folder} (first: {png_path(folder, missing[0])})")
+    first = _read_png(png_path(folder, 0))
+    shape = (num, *first.shape)
+    header = dict(descr=npy_format.dtype_to_descr(np.dtype(np.uint8)), fortran_order=False,
+                  shape=shape)
+    tmp = path + ".tmp"
+    with ThreadPoolExecutor(threads) as pool, open(tmp, "wb") as raw:
+        with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as member:
+                npy_format.write_array_header_1_0(member, header)
+                images = pool.map(_read_png, (png_path(folder, i) for i in range(num)))
+                for i, image in enumerate(images):
+                    if image.shape != first.shape:
+                        raise ValueError(f"{png_path(folder, i)} is {image.shape}, the first "
+                                         f"sample is {first.shape}")
+                    member.write(np.ascontiguousarray(image).tobytes())
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, path)
+    return shape
+
+
+def write_json_atomic(obj: Mapping, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def check_settings(folder: str, settings: Mapping) -> Optional[str]:
+    """Record ``settings`` in ``folder`` the first time; later, compare with the record.
+
+    Returns None when they agree (or were just recorded), else a message listing the
+    differences: samples made with other settings must not be mixed into one ``.npz``.
+    """
+    path = os.path.join(folder, SETTINGS_FILE)
+    settings = json.loads(json.dumps(settings))  # the form they take on disk (lists, floats)
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        write_json_atomic(settings, path)
+        return None
+    with open(path) as f:
+        recorded = json.load(f)
+    diffs = [f"{key}: {recorded.get(key)!r} there, {settings.get(key)!r} now"
+             for key in sorted(set(recorded) | set(settings))
+             if recorded.get(key) != settings.get(key)]
+    if not diffs:
+        return None
+    return (f"--sample-dir: {folder} holds samples made with other settings ({'; '.join(diffs)}); "
+            f"use another --sample-dir, or delete that folder to start over")
+
+
+def make_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """uint8 [rows·cols, H, W, 3] (row-major) -> one [rows·H, cols·W, 3] image."""
+    n, h, w, c = images.shape
+    if n != rows * cols:
+        raise ValueError(f"a {rows}×{cols} grid needs {rows * cols} images; got {n}")
+    return images.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(
+        rows * h, cols * w, c)
+
+
+def wait_all(futures: Iterable) -> None:
+    """Re-raise the first error of finished background writes."""
+    for future in futures:
+        future.result()
