@@ -113,8 +113,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         directory = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(directory, exist_ok=True)
-        with open(args.out, "w") as f:
+        tmp = args.out + ".tmp"  # complete or absent: a killed run leaves no half-written JSON
+        with open(tmp, "w") as f:
             f.write(text + "\n")
+        os.replace(tmp, args.out)
         print(summary)
         print(f"results written to {args.out}")
     return 0

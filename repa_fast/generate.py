@@ -9,7 +9,8 @@ The official ``generate.py``'s flags and defaults, plus ``--weights``, ``--vae P
 ``--mixed-precision``, ``--compile``/``--compile-mode``, ``--attn-backend`` and the grid flags.
 Sample ``i`` is drawn from its own random stream (``repa_fast.generation.seeding``), so the
 samples do not depend on the number of processes, and a restarted run regenerates only the
-batches that are missing PNGs and ends with the same ``.npz``. Bad inputs exit with code 2.
+batches with missing PNGs, writes only those PNGs and ends with the same ``.npz``. Bad inputs
+exit with code 2.
 """
 from __future__ import annotations
 
@@ -236,16 +237,26 @@ def load_decoder(spec: ModelSpec, vae_path: Optional[str], device: torch.device)
     return vae, float(getattr(vae.config, "scaling_factor", None) or SD_SCALE)
 
 
+def vae_label(vae_path: str) -> str:
+    """``ema``/``mse`` for the SD-VAE folders the official ``--vae ema|mse`` names
+    (``.../sd-vae-ft-ema``), else the file or folder name."""
+    name = os.path.splitext(os.path.basename(os.path.normpath(vae_path)))[0]
+    return name[len("sd-vae-ft-"):] if name in ("sd-vae-ft-ema", "sd-vae-ft-mse") else name
+
+
 def run_name(args: argparse.Namespace, spec: ModelSpec) -> str:
-    """The official folder name (model, checkpoint, size, VAE, cfg, seed, mode) plus the step
-    count and, when not the defaults, the guidance interval, Heun and the weights used."""
-    ckpt = os.path.splitext(os.path.basename(args.ckpt))[0]
-    parent = os.path.dirname(os.path.abspath(args.ckpt))
-    if os.path.basename(parent) == "checkpoints":  # <exp>/checkpoints/0400000.pt -> exp-0400000
-        ckpt = f"{os.path.basename(os.path.dirname(parent))}-{ckpt}"
-    vae = "pixel" if spec.pixel_space else os.path.basename(os.path.normpath(args.vae))
+    """The official folder name, ``{model}-{ckpt}-size-{resolution}-vae-{ema|mse}-cfg-{cfg}-
+    seed-{seed}-{mode}`` (``vae-pixel`` for pixel-space models), followed by what the official
+    name leaves out where it differs from the official default: ``-steps-N`` (default 50), the
+    guidance interval, Heun and ``--weights model``. Runs whose names collide anyway (e.g. the
+    same step of two experiments) are told apart by ``settings.json``, which refuses to mix."""
+    ckpt = os.path.basename(args.ckpt)
+    ckpt = ckpt[:-len(".pt")] if ckpt.endswith(".pt") else ckpt
+    vae = "pixel" if spec.pixel_space else vae_label(args.vae)
     name = (f"{spec.model.replace('/', '-')}-{ckpt}-size-{spec.resolution}-vae-{vae}-"
-            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.mode}-{args.num_steps}")
+            f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.mode}")
+    if args.num_steps != 50:
+        name += f"-steps-{args.num_steps}"
     if (args.guidance_low, args.guidance_high) != (0.0, 1.0):
         name += f"-interval-{args.guidance_low}-{args.guidance_high}"
     if args.heun and args.mode == "ode":
@@ -268,12 +279,17 @@ def run_settings(args: argparse.Namespace, spec: ModelSpec, sampler: SamplerConf
 # --------------------------------------------------------------------------- generation
 
 def pending_batches(folder: str, num: int, batch: int) -> list:
-    """Batches ``b`` (indices ``b·batch .. b·batch + batch - 1``) with a sample < ``num``
-    whose PNG is missing. Batches are fixed by the batch size, so a regenerated batch holds
-    the same samples as the first attempt (the same rounding in batched kernels)."""
+    """``[(b, missing), ...]``: the batches ``b`` (indices ``b·batch .. b·batch + batch - 1``)
+    with samples ``< num`` whose PNGs are missing, and those indices. Batches are fixed by the
+    batch size, so a regenerated batch holds the same samples as the first attempt (the same
+    rounding in batched kernels); only its missing PNGs are written."""
     done = existing_indices(folder)
-    return [b for b in range(math.ceil(num / batch))
-            if any(i not in done for i in range(b * batch, min((b + 1) * batch, num)))]
+    plan = []
+    for b in range(math.ceil(num / batch)):
+        missing = [i for i in range(b * batch, min((b + 1) * batch, num)) if i not in done]
+        if missing:
+            plan.append((b, missing))
+    return plan
 
 
 def sample_images(velocity: Velocity, sampler: SamplerConfig, vae, latents_scale: float,
@@ -298,7 +314,7 @@ def generate_samples(args, procs: Processes, velocity: Velocity, spec: ModelSpec
     if isinstance(plan, str):
         raise UsageError(plan)
     mine = plan[procs.rank::procs.world_size]
-    todo = sum(min(batch, num - b * batch) for b in plan)
+    todo = sum(len(missing) for _, missing in plan)
     if procs.main:
         print(f"repa_fast.generate: {spec.model} {'pixel space' if spec.pixel_space else 'latents'}"
               f" {spec.resolution}px, {args.mode} {args.num_steps} steps, cfg {args.cfg_scale}; "
@@ -310,14 +326,14 @@ def generate_samples(args, procs: Processes, velocity: Velocity, spec: ModelSpec
     shape = (spec.in_channels, spec.input_size, spec.input_size)
     in_flight: deque = deque()
     with ThreadPoolExecutor(PNG_WRITERS) as writers:
-        for b in mine:
+        for b, missing in mine:
             # the whole batch, padded past num: the same batch composition in every run
-            indices = range(b * batch, (b + 1) * batch)
-            latents, labels, generators = initial_draws(indices, args.global_seed,
-                                                        spec.num_classes, shape)
+            latents, labels, generators = initial_draws(range(b * batch, (b + 1) * batch),
+                                                        args.global_seed, spec.num_classes,
+                                                        shape)
             images = sample_images(velocity, sampler, vae, latents_scale, procs.device,
                                    latents, labels, generators)
-            kept = [(i, image) for i, image in zip(indices, images) if i < num]
+            kept = [(i, images[i - b * batch]) for i in missing]
             in_flight.append([writers.submit(save_png_atomic, image, png_path(folder, i))
                               for i, image in kept])
             if len(in_flight) > BATCHES_IN_FLIGHT:
@@ -407,7 +423,7 @@ def main(argv=None) -> int:
         procs = Processes()
         with torch.no_grad():
             run(args, procs)
-    except (ValueError, FileNotFoundError) as error:  # UsageError is a ValueError
+    except UsageError as error:  # anything else is a bug or an I/O failure: its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:

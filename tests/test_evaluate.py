@@ -241,6 +241,23 @@ def test_precision_recall_float16_falls_back_to_float32_on_overflow():
     assert precision_recall(big, _line(range(5), scale=1000.0)) == (1.0, 0.8)
 
 
+def test_float16_distances_round_as_adms_graph():
+    """ADM: U, V cast to half; squares (half), row sums (float32 accumulation, half result),
+    U·Vᵀ (float32 accumulation, half result), then norm_u − 2·UVᵀ + norm_v in half. Short
+    rows of values in [0.5, 3) keep every float32 sum exact, so any order gives the same; the
+    rounding of the squares changes about one norm in six here."""
+    rng = np.random.default_rng(4)
+    u = rng.uniform(0.5, 3, size=(40, 4)).astype(np.float32)
+    v = rng.uniform(0.5, 3, size=(30, 4)).astype(np.float32)
+    u16, v16 = u.astype(np.float16), v.astype(np.float16)
+    norm_u = (u16 * u16).sum(1, dtype=np.float32).astype(np.float16)
+    norm_v = (v16 * v16).sum(1, dtype=np.float32).astype(np.float16)
+    dots = (u16.astype(np.float32) @ v16.astype(np.float32).T).astype(np.float16)
+    expected = np.maximum(norm_u[:, None] - np.float16(2) * dots + norm_v[None, :], 0)
+    got = pairwise_sq_distances(torch.from_numpy(u), torch.from_numpy(v), "float16")
+    np.testing.assert_array_equal(got.numpy(), expected.astype(np.float32))
+
+
 def test_manifold_radii_and_argument_checks():
     radii = manifold_radii(torch.from_numpy(_line(range(5))), k=3, dtype="float32")
     assert radii.tolist() == [9.0, 4.0, 4.0, 4.0, 9.0]  # squared 3rd-neighbour distances
@@ -286,6 +303,7 @@ def test_bad_image_arrays_are_named_with_expected_and_given(tmp_path):
         "gray": (np.zeros((4, 8, 8), np.uint8), r"--samples.*N×H×W×3.*\(4, 8, 8\)"),
         "chw": (np.zeros((4, 3, 8, 8), np.uint8), r"channels first"),
         "empty": (np.zeros((0, 8, 8, 3), np.uint8), r"non-empty"),
+        "object": (np.empty((4, 8, 8, 3), object), r"--samples.*uint8.*got object"),
     }
     for name, (array, pattern) in cases.items():
         np.savez(tmp_path / f"{name}.npz", arr_0=array)

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from repa_fast.generate import main
-from repa_fast.generation import (PerSampleNoise, SamplerConfig, Velocity, index_seed,
-                                  initial_draws, load_checkpoint, sample_latents,
+from repa_fast.generation import (PerSampleNoise, SamplerConfig, UsageError, Velocity,
+                                  index_seed, initial_draws, load_checkpoint, sample_latents,
                                   write_npz_from_pngs)
-from repa_fast.generation.output import save_png_atomic
+from repa_fast.generation.output import ordered_map, save_png_atomic
 from repa_fast.models import SiT_models
 from repa_fast.sampling import euler_maruyama_sampler
 
@@ -132,8 +132,9 @@ def test_npz_is_deterministic_index_ordered_uint8(ckpts, tmp_path):
     rc, second = generate(ckpts["ours"], tmp_path / "b", *FAST)
     assert rc == 0 and np.array_equal(first, second)
     folder = run_folder(tmp_path / "a")
+    # the official name, then what it leaves out where not the official default
     assert os.path.basename(folder) == \
-        "SiT-T-4-exp-0000010-size-16-vae-pixel-cfg-3.0-seed-0-sde-4-interval-0.0-0.7"
+        "SiT-T-4-0000010-size-16-vae-pixel-cfg-3.0-seed-0-sde-steps-4-interval-0.0-0.7"
     from PIL import Image
     for i in (0, 3, 6):  # arr_0[i] is sample i's PNG
         assert np.array_equal(np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png"))),
@@ -151,16 +152,19 @@ def test_resume_regenerates_only_missing_batches_and_gives_the_same_npz(ckpts, t
     os.remove(os.path.join(folder, "000004.png"))                 # batch 1 (3, 4, 5)
     open(os.path.join(folder, "000006.png"), "w").close()          # batch 2: an empty file
     open(os.path.join(folder, "000005.png.tmp"), "w").close()     # a write cut short
-    untouched = os.path.join(folder, "000001.png")                 # batch 0 is complete
-    os.utime(untouched, (1, 1))
+    untouched = [os.path.join(folder, f"{i:06d}.png") for i in (1, 3)]  # batch 0 is complete;
+    for path in untouched:                                               # 3 exists in batch 1
+        os.utime(path, (1, 1))
     rc, resumed = generate(ckpts["ours"], tmp_path, *FAST)
     assert rc == 0 and np.array_equal(full, resumed)
-    assert os.stat(untouched).st_mtime == 1
+    assert all(os.stat(path).st_mtime == 1 for path in untouched)  # only missing PNGs written
     assert os.path.getsize(os.path.join(folder, "000006.png")) > 0
-    # more samples later: the first 7 stay, 3 more come
+    # more samples later: the first 7 stay, 3 more come (7, 8 from the padded batch 2)
+    untouched.append(os.path.join(folder, "000006.png"))
+    os.utime(untouched[-1], (1, 1))
     rc, more = generate(ckpts["ours"], tmp_path, *FAST[:-1], "10")
     assert rc == 0 and more.shape[0] == 10 and np.array_equal(more[:7], full)
-    assert os.stat(untouched).st_mtime == 1
+    assert all(os.stat(path).st_mtime == 1 for path in untouched)
 
 
 def test_resume_with_other_settings_is_refused(ckpts, tmp_path, capsys):
@@ -199,6 +203,49 @@ def test_checkpoint_configuration_is_read_from_args_and_weights(ckpts):
     assert (bare.model, bare.encoder_depth, bare.z_dims) == ("SiT-T/4", 8, (64,))
     _, nonull, _ = load_checkpoint(ckpts["nonull"], "ema", {})
     assert not nonull.has_null_class
+
+
+def test_old_torch_file_format_is_read_whole(ckpts, tmp_path):
+    """Zip-format checkpoints are memory-mapped; the pre-1.6 format cannot be and is read."""
+    path = str(tmp_path / "old-format.pt")
+    torch.save(torch.load(ckpts["official"], weights_only=False), path,
+               _use_new_zipfile_serialization=False)
+    model, spec, _ = load_checkpoint(path, "ema", {})
+    reference, reference_spec, _ = load_checkpoint(ckpts["official"], "ema", {})
+    assert spec == reference_spec
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 reference.state_dict().values()))
+
+
+def test_legacy_decoder_blocks_layout_loads_with_its_encoder_depth(ckpts, tmp_path, capsys):
+    """The early REPA layout: blocks.0-1 (encoder_depth 2), then decoder_blocks.0-5."""
+    legacy = {}
+    for key, value in torch.load(ckpts["bare"], weights_only=True).items():
+        if key.startswith("blocks.") and int(key.split(".")[1]) >= 2:
+            _, index, rest = key.split(".", 2)
+            key = f"decoder_blocks.{int(index) - 2}.{rest}"
+        legacy[f"module.{key}"] = value  # saved from a DDP wrapper
+    path = str(tmp_path / "legacy.pt")
+    torch.save(legacy, path)
+    rc, ours = generate(ckpts["ours"], tmp_path / "ours", *FAST)
+    rc_legacy, converted = generate(path, tmp_path / "legacy", *FAST, "--num-classes", "5",
+                                    "--legacy")
+    assert rc == rc_legacy == 0 and np.array_equal(ours, converted)
+    _, spec, _ = load_checkpoint(path, "ema", dict(num_classes=5))
+    assert spec.encoder_depth == 2
+    rc, _ = generate(path, tmp_path / "bad", *FAST, "--num-classes", "5", "--encoder-depth", "3")
+    err = capsys.readouterr().err
+    assert rc == 2 and "--encoder-depth 3" in err and "2 encoder blocks" in err
+
+
+def test_an_internal_error_is_not_reported_as_a_usage_error(ckpts, monkeypatch):
+    import repa_fast.generate as cli
+
+    def broken(args, procs):
+        raise ValueError("a bug")
+    monkeypatch.setattr(cli, "run", broken)
+    with pytest.raises(ValueError, match="a bug"):  # its traceback, not "error: ..." and 2
+        main(["--ckpt", ckpts["ours"]])
 
 
 def test_grid_png_has_one_row_per_label_and_one_column_per_seed(ckpts, tmp_path):
@@ -271,6 +318,20 @@ def test_npz_writer_streams_what_np_savez_writes(tmp_path):
     assert (shape, fortran, dtype) == ((4, 8, 6, 3), False, np.dtype(np.uint8))
     with pytest.raises(FileNotFoundError, match="missing"):
         write_npz_from_pngs(str(tmp_path), 6, path)
+    # a damaged PNG (a machine crash) is named, and no partial .npz is left
+    with open(tmp_path / "000002.png", "r+b") as f:
+        f.truncate(20)
+    with pytest.raises(UsageError, match="000002.png is not a readable PNG.*delete it"):
+        write_npz_from_pngs(str(tmp_path), 4, str(tmp_path / "new.npz"))
+    assert sorted(p.name for p in tmp_path.glob("*.npz*")) == ["out.npz"]
+
+
+def test_npz_reader_threads_stay_a_bounded_window_ahead():
+    started = []
+    results = ordered_map(lambda i: started.append(i) or i * i, range(100), threads=4, ahead=6)
+    for consumed, value in enumerate(results):
+        assert value == consumed * consumed
+        assert len(started) <= consumed + 1 + 6  # never more than 6 past what was read
 
 
 def test_latent_checkpoint_decodes_with_the_vae_and_needs_it(tmp_path, capsys):
@@ -280,33 +341,28 @@ def test_latent_checkpoint_decodes_with_the_vae_and_needs_it(tmp_path, capsys):
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=1, norm_num_groups=4, sample_size=32)
-    vae.save_pretrained(tmp_path / "vae")
+    vae.save_pretrained(tmp_path / "sd-vae-ft-mse")  # what the official --vae mse names
     sd = tiny_sit(in_channels=4, input_size=4, model="SiT-T/2").state_dict()
     ckpt = str(tmp_path / "latent.pt")
     torch.save(dict(ema=sd, args=dict(ARGS, model="SiT-T/2", resolution=32)), ckpt)
     assert main(["--ckpt", ckpt, "--sample-dir", str(tmp_path / "s")]) == 2
     assert "--vae" in capsys.readouterr().err
-    rc, arr = generate(ckpt, tmp_path / "s", "--vae", str(tmp_path / "vae"), "--num-steps", "2",
-                       "--num-fid-samples", "3", "--per-proc-batch-size", "2")
+    rc, arr = generate(ckpt, tmp_path / "s", "--vae", str(tmp_path / "sd-vae-ft-mse"),
+                       "--num-steps", "2", "--num-fid-samples", "3", "--per-proc-batch-size", "2")
     assert rc == 0 and arr.shape == (3, 32, 32, 3)
+    assert os.path.basename(run_folder(tmp_path / "s")) == \
+        "SiT-T-2-latent-size-32-vae-mse-cfg-1.5-seed-0-ode-steps-2"
     assert json.load(open(os.path.join(run_folder(tmp_path / "s"), "settings.json")))["vae"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_two(launcher, ckpt, sample_dir):
     """Two processes on the CPU (gloo) under torchrun or the deepspeed launcher; the .npz."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    port = str(free_port())
     cmd = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-            "--master_port", port, "--module", "repa_fast.generate"]
-           if launcher == "deepspeed" else
-           [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", port, "-m", "repa_fast.generate"])
+            "--master_port", str(free_port()), "--module", "repa_fast.generate"]
+           if launcher == "deepspeed" else  # --standalone: torchrun picks a free port itself
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "2", "-m", "repa_fast.generate"])
     proc = subprocess.run(cmd + ["--ckpt", ckpt, "--sample-dir", str(sample_dir), *FAST],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -326,6 +382,12 @@ def test_compiled_model_call_matches_eager(ckpts, tmp_path):
     rc_compiled, compiled = generate(ckpts["ours"], tmp_path / "compiled", *FAST, "--compile")
     assert rc == rc_compiled == 0
     assert np.abs(eager.astype(int) - compiled).max() <= 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.slow

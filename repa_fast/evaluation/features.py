@@ -42,10 +42,6 @@ class Activations:
     def __len__(self) -> int:
         return len(self.pool)
 
-    def head(self, n: int) -> "Activations":
-        """The first ``n`` rows."""
-        return Activations(self.pool[:n], self.spatial[:n], self.logits[:n])
-
     @staticmethod
     def concatenate(parts: list["Activations"]) -> "Activations":
         if not parts:

@@ -41,7 +41,6 @@ class FeatureStats:
     mu: np.ndarray
     sigma: np.ndarray
     factor: Optional[np.ndarray] = None
-    count: Optional[int] = None
 
     @classmethod
     def from_activations(cls, activations: np.ndarray) -> "FeatureStats":
@@ -60,7 +59,7 @@ class FeatureStats:
         factor -= mu
         factor /= np.sqrt(n - 1)
         sigma = factor.T @ factor
-        return cls(mu=mu, sigma=sigma, factor=factor if n <= d else None, count=n)
+        return cls(mu=mu, sigma=sigma, factor=factor if n <= d else None)
 
     @property
     def dim(self) -> int:
@@ -184,17 +183,18 @@ def pairwise_sq_distances(u: torch.Tensor, v: torch.Tensor,
     """Squared Euclidean distances ``max(‖u_i‖² − 2 u_i·v_j + ‖v_j‖², 0)``, float32 ``(n, m)``.
 
     ``dtype="float16"`` reproduces ADM's TensorFlow graph, which casts the features to half
-    precision and evaluates the formula there (products accumulated in float32, results
-    rounded to half at each step); like ADM it falls back to float32 for a block where any
-    half-precision value overflows. ``"float32"`` skips the rounding.
+    precision and evaluates the formula there: squares rounded to half, sums and products
+    accumulated in float32, every result rounded to half; like ADM it falls back to float32
+    for a block where any half-precision value overflows. ``"float32"`` skips the rounding.
     """
     if dtype not in DISTANCE_DTYPES:
         raise ValueError(f"distance dtype: expected one of {DISTANCE_DTYPES}, got {dtype!r}")
     if dtype == "float16":
-        u16, v16 = u.to(torch.float16).float(), v.to(torch.float16).float()
-        norm_u = (u16 * u16).sum(1).to(torch.float16)
-        norm_v = (v16 * v16).sum(1).to(torch.float16)
-        dots = (u16 @ v16.T).to(torch.float16)
+        half = torch.float16
+        u16, v16 = u.to(half).float(), v.to(half).float()
+        norm_u = (u16 * u16).to(half).float().sum(1).to(half)
+        norm_v = (v16 * v16).to(half).float().sum(1).to(half)
+        dots = (u16 @ v16.T).to(half)
         dist = ((norm_u[:, None] - 2 * dots) + norm_v[None, :]).clamp_min(0)
         if torch.isfinite(dist).all():
             return dist.float()

@@ -100,21 +100,26 @@ class ImageBatches:
         if key not in keys:
             raise EvaluationInputError(f"{argument}: {self.path} has no '{key}' array (the "
                                        f"images); its keys are {keys}")
+        what = f"'{key}' in {self.path.name}"
         with zipfile.ZipFile(self.path) as zf, zf.open(f"{key}.npy") as f:
             header = self._read_header(f)
-        if header is None:  # an .npy layout that cannot be streamed: load it whole
-            arr = np.load(self.path)[key]
-            self.shape, dtype = tuple(arr.shape), arr.dtype
-            check_image_array(self.shape, dtype, argument, f"'{key}' in {self.path.name}")
+        if header is not None:  # checked before any data is read (object arrays included)
+            shape, fortran, dtype = header
+            check_image_array(shape, dtype, argument, what)
+            self.shape = shape
+        if header is None or fortran:  # an .npy layout that cannot be streamed: load it whole
+            try:
+                arr = np.load(self.path)[key]
+            except ValueError as error:  # e.g. an object array (pickles are not loaded)
+                raise EvaluationInputError(f"{argument}: {what}: {error}") from None
+            self.shape = tuple(arr.shape)
+            check_image_array(self.shape, arr.dtype, argument, what)
             self.array = arr
-        else:
-            self.shape, dtype = header
-            check_image_array(self.shape, dtype, argument, f"'{key}' in {self.path.name}")
 
     @staticmethod
-    def _read_header(f: IO[bytes]) -> Optional[tuple[tuple, np.dtype]]:
-        """``(shape, dtype)`` with ``f`` left at the first data byte, or ``None`` when the
-        file is Fortran-ordered, holds objects or uses a header version we do not parse."""
+    def _read_header(f: IO[bytes]) -> Optional[tuple[tuple, bool, np.dtype]]:
+        """``(shape, fortran_order, dtype)`` with ``f`` left at the first data byte, or
+        ``None`` for a header version we do not parse."""
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
@@ -122,9 +127,7 @@ class ImageBatches:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         else:
             return None
-        if fortran or dtype.hasobject:
-            return None
-        return tuple(shape), dtype
+        return tuple(shape), fortran, dtype
 
     def __len__(self) -> int:
         return int(self.shape[0])

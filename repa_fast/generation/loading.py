@@ -25,7 +25,8 @@ from typing import Mapping, Optional
 
 import torch
 
-from ..models import SiT_models, extract_state_dict, read_checkpoint
+from ..models import SiT_models, extract_state_dict, is_legacy_state_dict, read_checkpoint
+from ..models.checkpoint import strip_wrapper_prefixes
 from .errors import UsageError
 
 VAE_FACTOR = 8  # the SD-VAE's spatial down-sampling
@@ -230,23 +231,61 @@ def build_model(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor],
     return model.float().eval().requires_grad_(False)
 
 
+def _read(path: str):
+    """The checkpoint, memory-mapped when its format allows: only the tensors used (one set of
+    weights) are read, not the optimizer state of a training checkpoint, and processes on one
+    machine share the pages. Old (non-zip) torch files are read whole."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+    return read_checkpoint(path)
+
+
+def legacy_encoder_depth(state_dict: Mapping[str, torch.Tensor]) -> Optional[int]:
+    """The ``encoder_depth`` of the early REPA layout (``blocks.*`` = the first
+    ``encoder_depth`` blocks, ``decoder_blocks.*`` the rest); None for the current layout."""
+    keys = strip_wrapper_prefixes(state_dict)
+    if not is_legacy_state_dict(keys):
+        return None
+    return len({k.split(".")[1] for k in keys if k.startswith("blocks.")})
+
+
 def load_checkpoint(path: str, which: str, flags: Mapping):
-    """``(model, spec, args)`` from a checkpoint file; ``which`` is ``ema`` or ``model``."""
+    """``(model, spec, args)`` from a checkpoint file; ``which`` is ``ema`` or ``model``.
+
+    The legacy ``decoder_blocks`` layout (the official ``--legacy``) is recognised by its keys
+    and converted; its encoder depth is the number of ``blocks.*``, and a different
+    ``--encoder-depth`` (or checkpoint ``args.encoder_depth``) is an error.
+    """
     if not os.path.isfile(path):
         raise UsageError(f"--ckpt: checkpoint file not found: {path!r}")
     try:
-        checkpoint = read_checkpoint(path)
+        checkpoint = _read(path)
     except Exception as error:  # unpickling errors come in many types
         raise UsageError(f"--ckpt: cannot read {path!r} as a torch checkpoint ({error})") from error
     if not isinstance(checkpoint, Mapping):
         raise UsageError(f"--ckpt: {path!r} holds a {type(checkpoint).__name__}, not a "
                          f"checkpoint dict or a state dict")
     args = checkpoint_args(checkpoint)
-    depth_hint = _pick(flags.get("encoder_depth"), args.get("encoder_depth"), 8)
+    entry = checkpoint.get(which, {}) if "ema" in checkpoint or "model" in checkpoint \
+        else checkpoint
+    depth = legacy_encoder_depth(entry)
+    given = _pick(flags.get("encoder_depth"), args.get("encoder_depth"))
+    if depth is not None and given is not None and given != depth:
+        source = ("--encoder-depth" if flags.get("encoder_depth") is not None
+                  else "the checkpoint's args.encoder_depth")
+        raise UsageError(f"{source} {given} does not match the checkpoint's legacy layout, "
+                         f"which has {depth} encoder blocks ('blocks.*') before its "
+                         f"'decoder_blocks.*'")
     try:
-        state_dict = extract_state_dict(checkpoint, which, depth_hint)
+        state_dict = extract_state_dict(checkpoint, which, depth)
     except ValueError as error:
         raise UsageError(f"--weights {which}: {error}") from error
     weights = inspect_weights(state_dict)
+    if depth is not None and given is None:
+        flags = dict(flags, encoder_depth=depth)
     spec = resolve_spec(flags, args, weights)
     return build_model(spec, state_dict, flags.get("attn_backend")), spec, args

@@ -2,18 +2,22 @@
 
 Every file is written under a temporary name and renamed into place, so a run killed at any
 moment leaves only complete files under their final names: a resumed run can trust any
-``NNNNNN.png`` it finds (empty files, which only a crash of the machine could leave, count as
-missing).
+``NNNNNN.png`` it finds. PNGs are not fsync'd (50 000 syncs cost more than they save): after a
+crash of the machine, empty files count as missing, and a damaged one is named, with what to
+do, when the ``.npz`` is packed.
 """
 from __future__ import annotations
 
 import json
 import os
 import zipfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
+
+from .errors import UsageError
 
 SETTINGS_FILE = "settings.json"
 
@@ -45,8 +49,26 @@ def existing_indices(folder: str) -> set:
 
 def _read_png(path: str) -> np.ndarray:
     from PIL import Image
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for a damaged file
+        raise UsageError(f"--sample-dir: {path} is not a readable PNG ({error}); delete it and "
+                         f"run again to regenerate it") from error
+
+
+def ordered_map(fn: Callable, items: Iterable, threads: int, ahead: int) -> Iterator:
+    """``fn(item)`` for each item, in order, computed by ``threads`` threads at most ``ahead``
+    items before the consumer (``Executor.map`` would submit every item at once and hold all
+    finished results until they are consumed)."""
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def write_npz_from_pngs(folder: str, num: int, path: str, threads: int = 8) -> tuple:
@@ -54,8 +76,10 @@ def write_npz_from_pngs(folder: str, num: int, path: str, threads: int = 8) -> t
     index order), the layout the ADM evaluator reads; returns the array's shape.
 
     The array is streamed into the (uncompressed, zip64) ``.npz`` one image at a time, so
-    50 000 images at 512 px (39 GB) do not need to fit in memory; PNGs are decoded by a thread
-    pool, in order. ``np.load(path)["arr_0"]`` gives the same array ``np.savez`` would write.
+    50 000 images at 512 px (39 GB) do not need to fit in memory: a thread pool decodes the
+    PNGs, in order, at most ``4·threads`` images ahead of the writer. The file is written
+    under ``path.tmp`` and renamed when complete. ``np.load(path)["arr_0"]`` gives the same
+    array ``np.savez`` would write.
     """
     from numpy.lib import format as npy_format
     missing = [i for i in range(num) if not os.path.isfile(png_path(folder, i))]
@@ -67,19 +91,27 @@ def write_npz_from_pngs(folder: str, num: int, path: str, threads: int = 8) -> t
     header = dict(descr=npy_format.dtype_to_descr(np.dtype(np.uint8)), fortran_order=False,
                   shape=shape)
     tmp = path + ".tmp"
-    with ThreadPoolExecutor(threads) as pool, open(tmp, "wb") as raw:
-        with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as member:
-                npy_format.write_array_header_1_0(member, header)
-                images = pool.map(_read_png, (png_path(folder, i) for i in range(num)))
-                for i, image in enumerate(images):
-                    if image.shape != first.shape:
-                        raise ValueError(f"{png_path(folder, i)} is {image.shape}, the first "
-                                         f"sample is {first.shape}")
-                    member.write(np.ascontiguousarray(image).tobytes())
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as raw:
+            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED,
+                                 allowZip64=True) as zf:
+                with zf.open("arr_0.npy", "w", force_zip64=True) as member:
+                    npy_format.write_array_header_1_0(member, header)
+                    images = ordered_map(_read_png, (png_path(folder, i) for i in range(num)),
+                                         threads, 4 * threads)
+                    for i, image in enumerate(images):
+                        if image.shape != first.shape:
+                            raise UsageError(f"--sample-dir: {png_path(folder, i)} is "
+                                             f"{image.shape}, the first sample is "
+                                             f"{first.shape}")
+                        member.write(np.ascontiguousarray(image).tobytes())
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return shape
 
 
