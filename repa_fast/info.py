@@ -11,7 +11,7 @@ from .attention import AUTO_ORDER, ENV_VAR as ATTN_ENV, describe_backends as att
 from .attention import resolve_backend
 from .attention.backends import import_version
 from .ops import ENV_VAR as OPS_ENV, describe_backends as op_backends
-from .ops.backends import auto_backend as auto_op_backend, triton_interpreted
+from .ops.backends import auto_backend as auto_op_backend, native_build_summary, triton_interpreted
 
 # (label, module to import for the version)
 OPTIONAL_PACKAGES = [
@@ -58,6 +58,8 @@ def report() -> str:
                                  "tests only, auto never picks it)", 1)
                     if line.split()[0] == "triton" else line for line in op_lines]
     lines += op_lines
+    # what the C++/CUDA extension was built for (or why it is missing)
+    lines.append(f"  native extension: {native_build_summary()}")
     for dtype in (torch.bfloat16, torch.float32):
         lines.append(f"  auto picks {auto_op_backend(device, dtype)} for {dtype} on {device.type}")
     from .data.loaders import dali_problem  # imported here: only the report needs it

@@ -93,7 +93,7 @@ def test_explicit_grids_and_backend_choice(monkeypatch):
     with pytest.raises(ValueError, match=r"hidden_grid=5 needs 25 tokens; got 16"):
         repa_alignment_loss(h, z, *ws, hidden_grid=5)
     assert torch.isfinite(repa_alignment_loss(h, z, *ws, backend="reference"))
-    with pytest.raises(ValueError, match=r"backend must be one of auto, triton, reference; got .cuda."):
+    with pytest.raises(ValueError, match=r"backend must be one of auto, triton, native, reference; got .cuda."):
         repa_alignment_loss(h, z, *ws, backend="cuda")
     monkeypatch.setenv("REPA_FAST_OPS_BACKEND", "tritonn")
     with pytest.raises(ValueError, match=r"REPA_FAST_OPS_BACKEND must be one of"):

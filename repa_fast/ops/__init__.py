@@ -3,8 +3,9 @@
 ``repa_alignment_loss`` is the REPA alignment op (projector MLP + patch-token pooling + cosine
 loss); ``REPAProjector`` is the projector module that calls it. Backends register in
 :mod:`repa_fast.ops.backends` with a function saying why they cannot run a call: ``triton``
-(fused kernels, :mod:`repa_fast.ops.alignment_triton`, CUDA) and the pure-PyTorch
-``reference``, which runs everywhere.
+(fused kernels, :mod:`repa_fast.ops.alignment_triton`, CUDA), ``native`` (the optional C++/CUDA
+extension ``repa_fast._C`` built from ``csrc/``, :mod:`repa_fast.ops.alignment_native`) and the
+pure-PyTorch ``reference``, which runs everywhere.
 """
 from .alignment import REPAProjector, repa_alignment_loss
 from .alignment_reference import repa_alignment_loss_reference

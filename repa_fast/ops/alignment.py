@@ -46,10 +46,11 @@ def repa_alignment_loss(hidden: torch.Tensor, target: torch.Tensor,
     requires grad. See :mod:`repa_fast.ops.alignment_reference` for the formula.
 
     ``backend`` (or ``$REPA_FAST_OPS_BACKEND``): ``auto`` takes the fused Triton kernels for
-    CUDA tensors in fp32/fp16/bf16 and the PyTorch reference otherwise; ``triton`` or
-    ``reference`` force one (a forced backend that cannot run raises and says why).
-    ``recompute`` (Triton only): keep only the inputs for the backward and recompute the
-    projector's intermediates there (default), or keep them (faster, more memory).
+    CUDA tensors in fp32/fp16/bf16 and the PyTorch reference otherwise; ``triton``,
+    ``native`` (the C++/CUDA extension ``repa_fast._C``) or ``reference`` force one (a forced
+    backend that cannot run raises and says why). ``recompute`` (Triton and native): keep only
+    the inputs for the backward and recompute the projector's intermediates there (default),
+    or keep them (faster, more memory).
     """
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor; got {type(hidden).__name__}")
@@ -59,6 +60,10 @@ def repa_alignment_loss(hidden: torch.Tensor, target: torch.Tensor,
     if name == "triton":
         from .alignment_triton import repa_alignment_loss_triton  # needs triton: import on use
         return repa_alignment_loss_triton(hidden, target, w1, b1, w2, b2, w3, b3,
+                                          recompute=recompute, **kwargs)
+    if name == "native":
+        from .alignment_native import repa_alignment_loss_native  # needs repa_fast._C
+        return repa_alignment_loss_native(hidden, target, w1, b1, w2, b2, w3, b3,
                                           recompute=recompute, **kwargs)
     return repa_alignment_loss_reference(hidden, target, w1, b1, w2, b2, w3, b3, **kwargs)
 

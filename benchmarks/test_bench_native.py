@@ -1,0 +1,118 @@
+"""The native C++/CUDA backend of the alignment op (``repa_fast._C``) against the eager PyTorch
+reference, forward and forward + backward, at the SiT-B/2 width (D=768, P=2048, Z=768, 256
+tokens); on a GPU also against the fused Triton kernels.
+
+CPU: small batches (2 and 4) in float32, the dtype the CPU trains in, and batch 16 forward +
+backward, where the activations (not the weight gradients) set the peak memory. GPU: batch 32
+in bf16.
+Providers: ``eager_reference`` (the pure-PyTorch backend), ``native`` (recompute in the
+backward, the default) and ``native_saved`` (``recompute=False``: pre-activations kept), and on
+a GPU ``fused``/``fused_saved`` (Triton).
+
+``extra_info`` holds TFLOP/s (the op's useful matmul FLOPs, as test_bench_alignment.py counts
+them), ``x_vs_eager_reference`` (median time of the reference over this provider's, measured in
+the same session), and ``peak_extra_mem_mib``: the peak memory one call adds above what exists
+before it (inputs, weights, .grad buffers). On a GPU that is torch.cuda's peak allocation
+counter. On the CPU it is measured in one extra call under ``torch.profiler`` with
+``profile_memory=True``: the peak of the running sum of the CPU allocator's allocation and free
+events (RSS deltas are useless here: glibc keeps freed blocks mapped). Scratch vectors of the C++
+kernels that bypass torch's allocator (column partial sums, ≤ 100 KiB) are not counted.
+"""
+import pytest
+import torch
+
+from bench_utils import DEVICE, DTYPE, ON_GPU, timed
+from repa_fast.ops import repa_alignment_loss
+from repa_fast.ops.backends import native_import_problem, _native_problem, _triton_problem
+
+# name: (B, T, T_target, D, P, Z)
+CASES = {
+    "SiT-B/2": (32, 256, 256, 768, 2048, 768),
+    "SiT-B/2-enc512": (32, 256, 1024, 768, 2048, 768),  # 32x32 DINOv2 grid pooled to 16x16
+} if ON_GPU else {
+    "SiT-B/2-b2": (2, 256, 256, 768, 2048, 768),
+    "SiT-B/2-b4": (4, 256, 256, 768, 2048, 768),
+    "SiT-B/2-b16": (16, 256, 256, 768, 2048, 768),
+}
+# (case, mode) pairs run; batch 16 on the CPU only for the memory of forward + backward
+RUNS = [(case, mode) for case in CASES for mode in ("fwd", "fwd_bwd")
+        if ON_GPU or case != "SiT-B/2-b16" or mode == "fwd_bwd"]
+PROVIDERS = ["eager_reference", "native", "native_saved"] + (["fused", "fused_saved"]
+                                                              if ON_GPU else [])
+_MEDIANS: dict = {}
+
+
+def provider_problem(provider):
+    """Why this provider cannot run here (None when it can)."""
+    if provider.startswith("native"):
+        return _native_problem(DEVICE, DTYPE) if native_import_problem() is None \
+            else native_import_problem()
+    if provider.startswith("fused"):
+        return _triton_problem(DEVICE, DTYPE)
+    return None
+
+
+def make_fn(provider):
+    backend = {"eager_reference": "reference", "native": "native", "native_saved": "native",
+               "fused": "triton", "fused_saved": "triton"}[provider]
+    recompute = not provider.endswith("_saved")
+    return lambda *args: repa_alignment_loss(*args, backend=backend, recompute=recompute)
+
+
+def op_flops(b, t, t_target, d, p, z):
+    m, r = b * t, b * min(t, t_target)
+    return 2 * m * (d * p + p * p) + 2 * r * p * z
+
+
+def cpu_peak_extra_mib(fn) -> float:
+    """Peak bytes the CPU allocator holds during fn() above its level before, from the
+    profiler's allocation events (see the module docstring)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak / 2 ** 20
+
+
+@pytest.mark.parametrize("case, mode", RUNS, ids=[f"{c}-{m}" for c, m in RUNS])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_native_alignment_op(benchmark, provider, case, mode):
+    problem = provider_problem(provider)
+    if problem is not None:
+        pytest.skip(f"{provider} cannot run here: {problem}")
+    b, t, t_target, d, p, z = CASES[case]
+    torch.manual_seed(0)
+    h = torch.randn(b, t, d, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    target = torch.randn(b, t_target, z, device=DEVICE, dtype=DTYPE)
+    shapes = [(p, d), (p,), (p, p), (p,), (z, p), (z,)]
+    ws = [(torch.randn(s, device=DEVICE) / s[-1] ** 0.5).to(DTYPE).requires_grad_()
+          for s in shapes]
+    fn = make_fn(provider)
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():  # inference: nothing is kept for a backward
+                return fn(h, target, *ws)
+        loss = fn(h, target, *ws)
+        loss.backward()
+        return loss
+
+    flops = op_flops(*CASES[case]) * (3 if mode == "fwd_bwd" else 1)
+    rounds = 20 if ON_GPU else (3 if b >= 16 else 5)
+    timed(benchmark, step, flops=flops, rounds=rounds, warmup=3 if ON_GPU else 1)
+    info = benchmark.extra_info
+    info.update(case=case, provider=provider, mode=mode, shape=dict(B=b, T=t, T_target=t_target,
+                                                                   D=d, P=p, Z=z))
+    if not ON_GPU:
+        info["peak_extra_mem_mib"] = cpu_peak_extra_mib(step)
+        info["peak_mem_method"] = "torch.profiler CPU allocator events, one call"
+    median = benchmark.stats.stats.median
+    _MEDIANS[(case, mode, provider)] = median
+    reference = _MEDIANS.get((case, mode, "eager_reference"))
+    if reference is not None:
+        info["x_vs_eager_reference"] = reference / median
