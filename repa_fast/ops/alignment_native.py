@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .alignment_reference import _check_grid, _check_inputs, pool_ratio
+from .alignment_reference import check_call, pool_ratio
 from .backends import _native_problem, compute_dtype, native_import_problem
 
 _PROBLEM = native_import_problem()
@@ -114,10 +114,8 @@ def repa_alignment_loss_native(hidden: torch.Tensor, target: torch.Tensor,
     The GEMMs run in :func:`compute_dtype` (weights are cast to it, differentiably, as autocast
     would); the target keeps its dtype (read in the accumulate dtype).
     """
-    _check_inputs(hidden, target, w1, b1, w2, b2, w3, b3, target_prefix_tokens)
-    hg = _check_grid(hidden_grid, hidden.shape[1], "hidden")
-    tg = _check_grid(target_grid, target.shape[1] - target_prefix_tokens, "target")
-    pool_ratio(hg, tg)  # raises for grids that do not divide
+    hg, tg = check_call(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid, target_grid,
+                        target_prefix_tokens)
     dtype = compute_dtype(hidden)
     problem = _call_problem(hidden.device, dtype)
     if problem is not None:

@@ -91,6 +91,17 @@ def _check_inputs(hidden, target, w1, b1, w2, b2, w3, b3, target_prefix_tokens):
                          f"{target.shape[1]} tokens); got {target_prefix_tokens}")
 
 
+def check_call(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid: Optional[int],
+               target_grid: Optional[int], target_prefix_tokens: int) -> tuple[int, int]:
+    """Validate one call of the op (every backend runs this first); returns the SiT and target
+    grid sides ``(hg, tg)``, which differ by an integer factor."""
+    _check_inputs(hidden, target, w1, b1, w2, b2, w3, b3, target_prefix_tokens)
+    hg = _check_grid(hidden_grid, hidden.shape[1], "hidden")
+    tg = _check_grid(target_grid, target.shape[1] - target_prefix_tokens, "target")
+    pool_ratio(hg, tg)  # raises for grids that do not divide
+    return hg, tg
+
+
 def project(hidden: torch.Tensor, w1, b1, w2, b2, w3, b3) -> torch.Tensor:
     """The projector MLP ``Linear-SiLU-Linear-SiLU-Linear`` on [B, T, D] tokens."""
     return F.linear(F.silu(F.linear(F.silu(F.linear(hidden, w1, b1)), w2, b2)), w3, b3)

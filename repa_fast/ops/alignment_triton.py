@@ -38,7 +38,7 @@ from ..kernels.cosine import (COSINE_CONFIGS, cosine_finish_kernel, project_cosi
                               project_cosine_fwd_kernel)
 from ..kernels.linear_silu import linear_bias_silu_kernel, linear_grad_silu_kernel
 from ..kernels.tuning import GEMM_CONFIGS, INTERPRET, m_bucket, min_block
-from .alignment_reference import _check_grid, _check_inputs, avg_pool_tokens, pool_ratio
+from .alignment_reference import avg_pool_tokens, check_call, pool_ratio
 from .backends import _triton_problem, compute_dtype
 
 FINISH_BLOCK = 128 if INTERPRET else 1024
@@ -284,10 +284,8 @@ def repa_alignment_loss_triton(hidden: torch.Tensor, target: torch.Tensor,
     The GEMMs run in :func:`compute_dtype` (weights are cast to it, differentiably, as
     autocast would); accumulation, the cosine and the loss are fp32.
     """
-    _check_inputs(hidden, target, w1, b1, w2, b2, w3, b3, target_prefix_tokens)
-    hg = _check_grid(hidden_grid, hidden.shape[1], "hidden")
-    tg = _check_grid(target_grid, target.shape[1] - target_prefix_tokens, "target")
-    pool_ratio(hg, tg)  # raises for grids that do not divide
+    hg, tg = check_call(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid, target_grid,
+                        target_prefix_tokens)
     dtype = compute_dtype(hidden)
     problem = _triton_problem(hidden.device, dtype)
     if problem is not None:
