@@ -258,10 +258,14 @@ def _setup_context(ctx, inputs, output):
     _, stats, pre1, s1, pre2, s2 = output
     ctx.save_for_backward(hidden, target, w1, b1, w2, b2, w3, b3, stats, pre1, s1, pre2, s2)
     ctx.layout = (hidden_grid, target_grid, prefix)
+    # the saved intermediates are outputs only to be saved: no zero-filled gradients for them
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad, *unused):
     saved = ctx.saved_tensors
+    if grad is None:  # only reachable if the loss itself is unused: its gradient is zero
+        grad = saved[8].new_zeros(())
     target_grad = ctx.needs_input_grad[1]
     dh, dt, *dweights = alignment_loss_bwd(grad, *saved, *ctx.layout, target_grad)
     return (dh, dt if target_grad else None, *dweights, None, None, None, None)
