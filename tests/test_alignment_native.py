@@ -8,6 +8,7 @@ both op backends (Triton's Python custom ops, the C++ TORCH_LIBRARY) in one proc
 Tests that need the extension skip, saying why, when it is not built (``python setup.py
 build_ext --inplace`` or ``pip install --no-build-isolation .`` builds it); CI builds it.
 """
+import os
 import subprocess
 import sys
 import types
@@ -308,7 +309,9 @@ def test_both_op_libraries_load_in_one_process(first):
                       "b = repa_alignment_loss(h, z, *ws, backend='triton')",
                       "assert torch.allclose(a, b, atol=1e-5), (a, b)",
                       "print(sorted(n for n in dir(torch.ops.repa_fast) if 'alignment' in n))"])
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # run beside the package this test imports (installed or checkout), not the working directory's
+    here = os.path.dirname(os.path.dirname(os.path.abspath(repa_fast.__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=here)
     assert out.returncode == 0, out.stderr
     assert "'alignment_loss_fwd'" in out.stdout and "'native_alignment_fwd'" in out.stdout
 
