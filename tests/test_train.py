@@ -237,7 +237,7 @@ def test_safetensors_copies_and_export(tmp_path):
 
 
 def test_deepspeed_optimizer_section_is_filled_and_checked():
-    from repa_fast.training.optim import deepspeed_optimizer_section
+    from repa_fast.training.zero import deepspeed_optimizer_section
     kw = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, path="c.json")
     ds = {}
     deepspeed_optimizer_section(ds, "deepspeed", **kw)

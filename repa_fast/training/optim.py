@@ -10,7 +10,8 @@ host synchronisation.
   Its step has no ``found_inf`` input, so the skip decision reads one flag on the host.
 - ``deepspeed``: DeepSpeed builds the optimizer from the ``optimizer`` section of
   ``--ds_config`` (its ``FusedAdam`` on GPUs, ``DeepSpeedCPUAdam`` with optimizer offload),
-  filled from the ``--learning-rate``/``--adam-*`` flags when absent. Needs ``--ds_config``.
+  filled from the ``--learning-rate``/``--adam-*`` flags when absent
+  (``repa_fast.training.zero.deepspeed_optimizer_section``). Needs ``--ds_config``.
 
 AdamW (decoupled weight decay, Loshchilov & Hutter)::
 
@@ -73,26 +74,3 @@ def skippable_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) ->
     elif not bool(found_inf):  # other optimizers: a host decision (one sync per step)
         optimizer.step()
 
-
-def deepspeed_optimizer_section(ds: dict, name: str, *, lr: float, betas: tuple[float, float],
-                                eps: float, weight_decay: float, path: str) -> None:
-    """Check / fill ``ds['optimizer']`` for ``--optimizer name`` (in place)."""
-    if name != "deepspeed":
-        if "optimizer" in ds:
-            raise ValueError(f"--ds_config {path} has an \"optimizer\" section, but --optimizer "
-                             f"is {name}: pass --optimizer deepspeed to use it, or remove it")
-        return
-    wanted = dict(lr=lr, betas=list(betas), eps=eps, weight_decay=weight_decay)
-    section = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    if section.get("type", "AdamW").lower() not in ("adamw", "adam"):
-        raise ValueError(f"--ds_config {path}: optimizer.type must be AdamW or Adam (the REPA "
-                         f"recipe); got {section.get('type')!r}")
-    section.setdefault("type", "AdamW")
-    params = section.setdefault("params", {})
-    for key, value in wanted.items():
-        given = params.get(key, "auto")
-        if given == "auto":
-            params[key] = value
-        elif given != value:
-            raise ValueError(f"--ds_config {path}: optimizer.params.{key} is {given}, but the "
-                             f"flags give {value}; set it to \"auto\"")

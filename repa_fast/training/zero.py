@@ -18,6 +18,37 @@ import torch
 from .config import TrainConfig
 
 
+def fill_auto(section: dict, wanted: dict, path: str, prefix: str = "", note: str = "") -> None:
+    """Set each ``wanted`` key that ``section`` leaves out or sets to ``"auto"``; an explicit
+    value must equal the flags' (ValueError naming the key, the two values and ``path``)."""
+    for key, value in wanted.items():
+        given = section.get(key, "auto")
+        if given == "auto":
+            section[key] = value
+        elif given != value:
+            raise ValueError(f"--ds_config {path}: {prefix}{key} is {given}, but the flags give "
+                             f"{value}{note}; set it to \"auto\"")
+
+
+def deepspeed_optimizer_section(ds: dict, name: str, *, lr: float, betas: tuple[float, float],
+                                eps: float, weight_decay: float, path: str) -> None:
+    """Check / fill ``ds['optimizer']`` for ``--optimizer name`` (in place): only
+    ``--optimizer deepspeed`` uses it, as AdamW (or Adam) with the flags' hyper-parameters."""
+    if name != "deepspeed":
+        if "optimizer" in ds:
+            raise ValueError(f"--ds_config {path} has an \"optimizer\" section, but --optimizer "
+                             f"is {name}: pass --optimizer deepspeed to use it, or remove it")
+        return
+    section = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if section.get("type", "AdamW").lower() not in ("adamw", "adam"):
+        raise ValueError(f"--ds_config {path}: optimizer.type must be AdamW or Adam (the REPA "
+                         f"recipe); got {section.get('type')!r}")
+    section.setdefault("type", "AdamW")
+    fill_auto(section.setdefault("params", {}),
+              dict(lr=lr, betas=list(betas), eps=eps, weight_decay=weight_decay), path,
+              prefix="optimizer.params.")
+
+
 def load_ds_config(path: str, config: TrainConfig, world_size: int, device: torch.device) -> dict:
     """The DeepSpeed config at ``path`` with ``auto`` values filled and checked against flags."""
     if not os.path.exists(path):
@@ -30,17 +61,10 @@ def load_ds_config(path: str, config: TrainConfig, world_size: int, device: torc
         raise ValueError(f"--ds_config {path!r} is not valid JSON: {error}") from None
     if not isinstance(ds, dict):
         raise ValueError(f"--ds_config {path!r} must hold a JSON object; got {type(ds).__name__}")
-    wanted = dict(train_batch_size=config.batch_size,
-                  train_micro_batch_size_per_gpu=config.batch_size // world_size,
-                  gradient_accumulation_steps=1, gradient_clipping=config.max_grad_norm)
-    for key, value in wanted.items():
-        given = ds.get(key, "auto")
-        if given == "auto":
-            ds[key] = value
-        elif given != value:
-            raise ValueError(f"--ds_config {path}: {key} is {given}, but the flags give {value} "
-                             f"(--batch-size is global; gradient accumulation is not used); "
-                             f"set it to \"auto\"")
+    fill_auto(ds, dict(train_batch_size=config.batch_size,
+                       train_micro_batch_size_per_gpu=config.batch_size // world_size,
+                       gradient_accumulation_steps=1, gradient_clipping=config.max_grad_norm),
+              path, note=" (--batch-size is global; gradient accumulation is not used)")
     stage = ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"--ds_config {path}: zero_optimization.stage must be 0-3; got {stage}")
@@ -51,7 +75,6 @@ def load_ds_config(path: str, config: TrainConfig, world_size: int, device: torc
         elif section["enabled"] != (config.mixed_precision == dtype):
             raise ValueError(f"--ds_config {path}: {name}.enabled is {section['enabled']} but "
                              f"--mixed-precision is {config.mixed_precision}")
-    from .optim import deepspeed_optimizer_section
     deepspeed_optimizer_section(ds, config.optimizer, lr=config.learning_rate,
                                 betas=(config.adam_beta1, config.adam_beta2),
                                 eps=config.adam_epsilon, weight_decay=config.adam_weight_decay,
