@@ -1,6 +1,7 @@
 """Helpers of the benchmark suites: device, dtype, synchronised timing with FLOP/s."""
 import datetime
 import platform
+import time
 
 import torch
 
@@ -10,19 +11,39 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 
 
+def device_name() -> str:
+    """The GPU's name, or the CPU's model name and the torch threads used."""
+    if ON_GPU:
+        return torch.cuda.get_device_name()
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
 def sync() -> None:
     if ON_GPU:
         torch.cuda.synchronize()
 
 
-def timed(benchmark, fn, *, flops: float = 0.0, rounds: int = 20, warmup: int = 3):
+def timed(benchmark, fn, *, flops: float = 0.0, rounds: int = 20, warmup: int = 3,
+          setup=None):
     """Run ``fn`` under pytest-benchmark with device synchronisation; record TFLOP/s and
-    peak memory in ``extra_info``. Returns ``fn``'s last result."""
+    peak memory in ``extra_info``. ``setup`` (untimed) runs before every call, e.g. to set
+    ``.grad`` to None as ``optimizer.zero_grad()`` does. Returns ``fn``'s last result."""
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
+    if setup is not None:
+        setup()
     sync()
     if ON_GPU:
-        base_mem = torch.cuda.memory_allocated()  # inputs, weights, .grad buffers
+        base_mem = torch.cuda.memory_allocated()  # inputs, weights (and what setup keeps)
         torch.cuda.reset_peak_memory_stats()
 
     def run():
@@ -30,11 +51,10 @@ def timed(benchmark, fn, *, flops: float = 0.0, rounds: int = 20, warmup: int = 
         sync()
         return out
 
-    result = benchmark.pedantic(run, rounds=rounds, iterations=1)
+    result = benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1)
     median = benchmark.stats.stats.median
     info = benchmark.extra_info
-    info.update(device=torch.cuda.get_device_name() if ON_GPU else platform.processor() or "cpu",
-                dtype=str(DTYPE), torch=torch.__version__,
+    info.update(device=device_name(), dtype=str(DTYPE), torch=torch.__version__,
                 date=datetime.date.today().isoformat())
     if flops:
         info["gflop"] = flops / 1e9
@@ -72,13 +92,24 @@ def bf16_matmul_peak_tflops() -> float:
     return _MATMUL_PEAK["tflops"]
 
 
-
-def official_projection_loss(zs, zs_tilde):
-    """The official loss.py: normalise and average sample by sample in Python."""
-    import torch.nn.functional as F
-    total = 0.0
-    for z, z_tilde in zip(zs, zs_tilde):
-        for z_j, z_tilde_j in zip(z, z_tilde):
-            total = total + (-(F.normalize(z_j, dim=-1) * F.normalize(z_tilde_j, dim=-1))
-                             .sum(dim=-1)).mean()
-    return total / (len(zs) * zs[0].shape[0])
+def cpu_fp32_matmul_peak_tflops() -> float:
+    """This machine's measured float32 matmul ceiling on all its torch threads: the faster of
+    MKL's sgemm (``torch.mm``) and oneDNN's matmul (``mkldnn::_linear_pointwise``, where this
+    torch has it), 2048³, best of 5 each. The CPU suites run float32. Measured once."""
+    if "cpu_fp32" not in _MATMUL_PEAK:
+        n = 2048
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        candidates = [lambda: a @ b.t()]
+        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                            "_linear_pointwise"):
+            candidates.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none",
+                                                                         [], ""))
+        best = float("inf")
+        for matmul in candidates:
+            matmul()
+            for _ in range(5):
+                start = time.perf_counter()
+                matmul()
+                best = min(best, time.perf_counter() - start)
+        _MATMUL_PEAK["cpu_fp32"] = 2 * n ** 3 / best / 1e12
+    return _MATMUL_PEAK["cpu_fp32"]

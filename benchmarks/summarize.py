@@ -14,7 +14,9 @@ def main(path: str) -> None:
     data = json.load(open(path))
     machine = data.get("repa_fast_machine", {})
     print(f"{machine.get('device')}  torch {machine.get('torch')}  triton {machine.get('triton')}"
-          f"  {machine.get('date')}  bf16 matmul peak {machine.get('bf16_matmul_peak_tflops', 0):.0f} TFLOP/s")
+          f"  {machine.get('date')}  bf16 matmul peak {machine.get('bf16_matmul_peak_tflops', 0):.0f} TFLOP/s"
+          + (f"  fp32 matmul peak {1e3 * machine['fp32_matmul_peak_tflops']:.0f} GFLOP/s"
+             if "fp32_matmul_peak_tflops" in machine else ""))
     groups = defaultdict(dict)
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
@@ -33,7 +35,7 @@ def main(path: str) -> None:
                 parts.append(f"x{loop / median:5.2f} vs official")
             if compiled:
                 parts.append(f"x{compiled / median:5.2f} vs compiled")
-            parts.append(f"{info.get('tflops_per_s', 0):7.1f} TFLOP/s")
+            parts.append(f"{info.get('tflops_per_s', 0):7.3g} TFLOP/s")
             if "fraction_of_matmul_peak" in info:
                 parts.append(f"{100 * info['fraction_of_matmul_peak']:5.1f}% of peak")
             if "images_per_s" in info:

@@ -6,22 +6,31 @@ CPU: small batches (2 and 4) in float32, the dtype the CPU trains in, and batch 
 backward, where the activations (not the weight gradients) set the peak memory. GPU: batch 32
 in bf16.
 Providers: ``eager_reference`` (the pure-PyTorch backend), ``native`` (recompute in the
-backward, the default) and ``native_saved`` (``recompute=False``: pre-activations kept), and on
-a GPU ``fused``/``fused_saved`` (Triton).
+backward, the default) and ``native_saved`` (``recompute=False``: pre-activations kept), on a
+GPU ``fused``/``fused_saved`` (Triton).
 
+The op is matmul-bound: 3 GEMMs forward and 6 backward that no implementation at the same
+precision avoids, so no backend can beat the reference by more than the reference's
+``1 / fraction_of_matmul_peak`` (recorded for it as ``x_bound_at_matmul_peak``).
+
+Before every forward + backward call the ``.grad`` of the inputs are set to None, as
+``optimizer.zero_grad()`` does, so every provider allocates its weight gradients itself.
 ``extra_info`` holds TFLOP/s (the op's useful matmul FLOPs, as test_bench_alignment.py counts
-them), ``x_vs_eager_reference`` (median time of the reference over this provider's, measured in
-the same session), and ``peak_extra_mem_mib``: the peak memory one call adds above what exists
-before it (inputs, weights, .grad buffers). On a GPU that is torch.cuda's peak allocation
-counter. On the CPU it is measured in one extra call under ``torch.profiler`` with
-``profile_memory=True``: the peak of the running sum of the CPU allocator's allocation and free
-events (RSS deltas are useless here: glibc keeps freed blocks mapped). Scratch vectors of the C++
-kernels that bypass torch's allocator (column partial sums, ≤ 100 KiB) are not counted.
+them), ``fraction_of_matmul_peak`` (of the measured matmul ceiling: 8192³ bf16 on a GPU, 2048³
+float32 on the CPU), ``x_vs_eager_reference`` (median time of the reference over this
+provider's, measured in the same session), and ``peak_extra_mem_mib``: the peak memory one
+call adds above what exists before it (inputs and weights; the weight gradients it creates
+count). On a GPU that is torch.cuda's peak allocation counter. On the CPU it is measured in one
+extra call under ``torch.profiler`` with ``profile_memory=True``: the peak of the running sum of
+the CPU allocator's allocation and free events (RSS deltas are useless here: glibc keeps freed
+blocks mapped). Scratch vectors of the C++ kernels that bypass torch's allocator (column partial
+sums, ≤ 100 KiB) are not counted.
 """
 import pytest
 import torch
 
-from bench_utils import DEVICE, DTYPE, ON_GPU, timed
+from bench_utils import (DEVICE, DTYPE, ON_GPU, bf16_matmul_peak_tflops,
+                         cpu_fp32_matmul_peak_tflops, timed)
 from repa_fast.ops import repa_alignment_loss
 from repa_fast.ops.backends import native_import_problem, _native_problem, _triton_problem
 
@@ -92,6 +101,11 @@ def test_native_alignment_op(benchmark, provider, case, mode):
     shapes = [(p, d), (p,), (p, p), (p,), (z, p), (z,)]
     ws = [(torch.randn(s, device=DEVICE) / s[-1] ** 0.5).to(DTYPE).requires_grad_()
           for s in shapes]
+
+    def clear_grads():
+        for tensor in (h, *ws):
+            tensor.grad = None
+
     fn = make_fn(provider)
 
     def step():
@@ -104,13 +118,21 @@ def test_native_alignment_op(benchmark, provider, case, mode):
 
     flops = op_flops(*CASES[case]) * (3 if mode == "fwd_bwd" else 1)
     rounds = 20 if ON_GPU else (3 if b >= 16 else 5)
-    timed(benchmark, step, flops=flops, rounds=rounds, warmup=3 if ON_GPU else 1)
+    timed(benchmark, step, flops=flops, rounds=rounds, warmup=3 if ON_GPU else 1,
+          setup=clear_grads)
     info = benchmark.extra_info
     info.update(case=case, provider=provider, mode=mode, shape=dict(B=b, T=t, T_target=t_target,
                                                                    D=d, P=p, Z=z))
+    peak = bf16_matmul_peak_tflops() if ON_GPU else cpu_fp32_matmul_peak_tflops()
+    info["matmul_peak_tflops"] = peak
+    info["fraction_of_matmul_peak"] = info["tflops_per_s"] / peak
+    if provider == "eager_reference":
+        info["x_bound_at_matmul_peak"] = peak / info["tflops_per_s"]
     if not ON_GPU:
+        clear_grads()
         info["peak_extra_mem_mib"] = cpu_peak_extra_mib(step)
-        info["peak_mem_method"] = "torch.profiler CPU allocator events, one call"
+        info["peak_mem_method"] = ("torch.profiler CPU allocator events, one call, .grad set "
+                                   "to None before it")
     median = benchmark.stats.stats.median
     _MEDIANS[(case, mode, provider)] = median
     reference = _MEDIANS.get((case, mode, "eager_reference"))

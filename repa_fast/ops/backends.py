@@ -3,11 +3,12 @@
 Each entry takes ``(device, dtype)`` of the call (``None`` asks about this machine in general).
 ``auto`` takes the first usable backend of ``AUTO_ORDER`` for the call's device type. It never
 picks Triton's CPU interpreter (correct but far too slow to train with), which must be forced.
-The native extension (``repa_fast._C``) must be forced too. On the CPU the op is GEMM-bound:
-native forward + backward with its default recompute runs three GEMMs more than the reference
-and measured 0.85x its speed (float32, SiT-B/2 width, batch 2-16; ``recompute=False`` 1.05x,
-forward alone 1.3x), in 60% of its peak memory at batch 16 (benchmarks/test_bench_native.py).
-Its CUDA kernels have not been run on a GPU yet.
+The native extension (``repa_fast._C``) must be forced too. On the CPU the op is matmul-bound
+and the reference already runs at ~80% of the fp32 matmul ceiling: native forward + backward
+with its default recompute runs three GEMMs more and measured 0.79-0.84x the reference's speed
+in 60-91% of its peak memory (float32, SiT-B/2 width, batch 2-16), ``recompute=False``
+1.06-1.11x, forward alone 1.1-1.2x (benchmarks/results/*-cpu-*-native.txt). Its CUDA kernels
+have not been run on a GPU yet.
 """
 from __future__ import annotations
 
