@@ -80,12 +80,24 @@ int64_t check_grid(int64_t grid, int64_t tokens, const char* argument) {
 
 // The stage kernels of the tensor's device.
 // RECORD_FUNCTION: each stage shows up by name in torch.profiler traces.
+
+#ifndef REPA_FAST_WITH_CUDA
+// A CPU-only build reached a stage with a CUDA tensor: check_inputs stops public calls before
+// this, so only a C++ caller of the stages themselves gets here; never return unwritten output.
+[[noreturn]] void no_cuda_kernels(const char* stage) {
+  TORCH_CHECK(false, "repa_fast native stage ", stage, " got a CUDA tensor but this build has no "
+              "CUDA kernels (rebuild with REPA_FAST_BUILD_CUDA=1, or CMake "
+              "-DREPA_FAST_WITH_CUDA=ON)");
+}
+#endif
 void bias_silu_pool(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& out,
                     const Geometry& geo, bool pooled, bool keep_pre) {
   RECORD_FUNCTION("repa_fast::bias_silu_pool", std::vector<c10::IValue>());
   if (x.is_cuda()) {
 #ifdef REPA_FAST_WITH_CUDA
     bias_silu_pool_cuda(x, bias, out, geo, pooled, keep_pre);
+#else
+    no_cuda_kernels("bias_silu_pool");
 #endif
   } else {
     bias_silu_pool_cpu(x, bias, out, geo, pooled, keep_pre);
@@ -98,6 +110,8 @@ void silu_grad_spread(const at::Tensor& g, const at::Tensor& pre, const at::Tens
   if (pre.is_cuda()) {
 #ifdef REPA_FAST_WITH_CUDA
     silu_grad_spread_cuda(g, pre, out, dbias, geo, pooled, scale);
+#else
+    no_cuda_kernels("silu_grad_spread");
 #endif
   } else {
     silu_grad_spread_cpu(g, pre, out, dbias, geo, pooled, scale);
@@ -110,6 +124,8 @@ void cosine_forward(const at::Tensor& proj, const at::Tensor& b3, const at::Tens
   if (proj.is_cuda()) {
 #ifdef REPA_FAST_WITH_CUDA
     cosine_forward_cuda(proj, b3, target, stats, loss, geo);
+#else
+    no_cuda_kernels("cosine_forward");
 #endif
   } else {
     cosine_forward_cpu(proj, b3, target, stats, loss, geo);
@@ -123,6 +139,8 @@ void cosine_backward(const at::Tensor& grad, const at::Tensor& proj, const at::T
   if (proj.is_cuda()) {
 #ifdef REPA_FAST_WITH_CUDA
     cosine_backward_cuda(grad, proj, b3, target, stats, dp, db3, dtarget, geo);
+#else
+    no_cuda_kernels("cosine_backward");
 #endif
   } else {
     cosine_backward_cpu(grad, proj, b3, target, stats, dp, db3, dtarget, geo);

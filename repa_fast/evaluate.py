@@ -43,6 +43,7 @@ import os
 import sys
 from typing import Optional
 
+from .atomic_write import atomic_open
 from .evaluation.errors import EvaluationInputError
 from .evaluation.inception import DEFAULT_WEIGHTS, WEIGHTS_ENV
 from .evaluation.metrics import DISTANCE_DTYPES, FID_METHODS
@@ -113,10 +114,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         directory = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(directory, exist_ok=True)
-        tmp = args.out + ".tmp"  # complete or absent: a killed run leaves no half-written JSON
-        with open(tmp, "w") as f:
+        # complete or absent: a killed run leaves no half-written JSON
+        with atomic_open(args.out, "w", sync=False) as f:
             f.write(text + "\n")
-        os.replace(tmp, args.out)
         print(summary)
         print(f"results written to {args.out}")
     return 0

@@ -13,7 +13,8 @@ import os
 
 import numpy as np
 
-from .shards import FORMAT, INDEX, ShardWriter, shard_name, write_json_atomic
+from ..atomic_write import write_json_atomic
+from .shards import FORMAT, INDEX, ShardWriter, shard_name
 from .encode import encode_image
 
 SHAPES = ("disc", "square", "triangle")

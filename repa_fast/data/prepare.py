@@ -26,7 +26,8 @@ import numpy as np
 
 from ..version import __version__
 from .encode import process_entry
-from .shards import FORMAT, INDEX, ShardWriter, finished_shard, shard_name, write_json_atomic
+from ..atomic_write import write_json_atomic
+from .shards import FORMAT, INDEX, ShardWriter, finished_shard, shard_name
 from .sources import OfficialSource, open_source
 
 REPORT = "report.json"

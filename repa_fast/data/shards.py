@@ -20,6 +20,8 @@ import os
 import tarfile
 from typing import Optional
 
+from ..atomic_write import temporary_name, write_json_atomic
+
 INDEX = "index.json"
 FORMAT = "repa_fast-webdataset-v1"
 
@@ -28,22 +30,13 @@ def shard_name(i: int) -> str:
     return f"shard-{i:06d}"
 
 
-def write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class ShardWriter:
     """Write one shard; nothing appears under the final names until :meth:`commit`."""
 
     def __init__(self, directory: str, index: int):
         self.path = os.path.join(directory, shard_name(index) + ".tar")
         self.meta_path = os.path.join(directory, shard_name(index) + ".json")
-        self._tmp = self.path + ".tmp"
+        self._tmp = temporary_name(self.path)
         self._file = open(self._tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self.samples: list[dict] = []

@@ -8,13 +8,12 @@ match, or that holds fewer images than asked for, is ignored and rewritten.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from ..atomic_write import atomic_open
 from .features import Activations
 
 FORMAT = 1
@@ -53,14 +52,8 @@ def save_cached(source: Path, weights_sha256: str, acts: Activations) -> Path:
     """Write ``acts`` as the cache of ``source``, atomically (temp file + rename)."""
     path = cache_path(source)
     meta = json.dumps(_meta(source, weights_sha256))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, pool=acts.pool, spatial=acts.spatial, logits=acts.logits,
-                     meta=np.array(meta))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # unique: two evaluations of one folder may fill its cache at once
+    with atomic_open(path, "wb", sync=False, unique=True) as f:
+        np.savez(f, pool=acts.pool, spatial=acts.spatial, logits=acts.logits,
+                 meta=np.array(meta))
     return path

@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
+from ..atomic_write import atomic_open, atomic_path, write_json_atomic
 from .errors import UsageError
 
 SETTINGS_FILE = "settings.json"
@@ -29,9 +30,8 @@ def png_path(folder: str, index: int) -> str:
 def save_png_atomic(image: np.ndarray, path: str) -> None:
     """Write a uint8 [H, W, 3] image as PNG: to ``path.tmp``, then renamed over ``path``."""
     from PIL import Image
-    tmp = path + ".tmp"
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path, sync=False) as tmp:  # not synced: see the module docstring
+        Image.fromarray(image).save(tmp, format="PNG")
 
 
 def existing_indices(folder: str) -> set:
@@ -90,36 +90,18 @@ def write_npz_from_pngs(folder: str, num: int, path: str, threads: int = 8) -> t
     shape = (num, *first.shape)
     header = dict(descr=npy_format.dtype_to_descr(np.dtype(np.uint8)), fortran_order=False,
                   shape=shape)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as raw:
-            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED,
-                                 allowZip64=True) as zf:
-                with zf.open("arr_0.npy", "w", force_zip64=True) as member:
-                    npy_format.write_array_header_1_0(member, header)
-                    images = ordered_map(_read_png, (png_path(folder, i) for i in range(num)),
-                                         threads, 4 * threads)
-                    for i, image in enumerate(images):
-                        if image.shape != first.shape:
-                            raise UsageError(f"--sample-dir: {png_path(folder, i)} is "
-                                             f"{image.shape}, the first sample is "
-                                             f"{first.shape}")
-                        member.write(np.ascontiguousarray(image).tobytes())
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "wb") as raw:
+        with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as member:
+                npy_format.write_array_header_1_0(member, header)
+                images = ordered_map(_read_png, (png_path(folder, i) for i in range(num)),
+                                     threads, 4 * threads)
+                for i, image in enumerate(images):
+                    if image.shape != first.shape:
+                        raise UsageError(f"--sample-dir: {png_path(folder, i)} is "
+                                         f"{image.shape}, the first sample is {first.shape}")
+                    member.write(np.ascontiguousarray(image).tobytes())
     return shape
-
-
-def write_json_atomic(obj: Mapping, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def check_settings(folder: str, settings: Mapping) -> Optional[str]:
@@ -132,7 +114,7 @@ def check_settings(folder: str, settings: Mapping) -> Optional[str]:
     settings = json.loads(json.dumps(settings))  # the form they take on disk (lists, floats)
     if not os.path.exists(path):
         os.makedirs(folder, exist_ok=True)
-        write_json_atomic(settings, path)
+        write_json_atomic(path, settings, sort_keys=True)
         return None
     with open(path) as f:
         recorded = json.load(f)

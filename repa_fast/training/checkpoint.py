@@ -16,27 +16,15 @@ from typing import Optional
 
 import torch
 
+from ..atomic_write import atomic_open, atomic_path
+
 _NAME = re.compile(r"^(\d{7})\.pt$")
 
 
 def save_atomic(obj, path: str) -> None:
     """Write ``obj`` to ``path`` so that ``path`` is either the old file or the complete new one."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _replace_atomic(tmp: str, path: str) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_safetensors(state: dict, stem: str) -> list[str]:
@@ -50,14 +38,10 @@ def save_safetensors(state: dict, stem: str) -> list[str]:
     for key in ("model", "ema"):
         if key not in state:
             continue
-        path, tmp = f"{stem}-{key}.safetensors", f"{stem}-{key}.safetensors.tmp"
+        path = f"{stem}-{key}.safetensors"
         tensors = {k: v.detach().contiguous().cpu() for k, v in state[key].items()}
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={**metadata, "weights": key})
-            _replace_atomic(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         paths.append(path)
     return paths
 

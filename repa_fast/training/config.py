@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from dataclasses import dataclass, fields
 from typing import Optional
+
+from ..atomic_write import write_json_atomic
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -152,5 +153,4 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def save_config(config: TrainConfig, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(config.to_dict(), f, indent=1)
+    write_json_atomic(path, config.to_dict())

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from ..atomic_write import atomic_open
+
 # dense bf16 tensor-core peaks (TFLOP/s) of common cards, for MFU; others report no MFU
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0,
                     "L40S": 362.0, "A10": 125.0}
@@ -57,7 +59,7 @@ def truncate_after(path: str, step: int) -> None:
         return
     with open(path) as f:
         keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
+    with atomic_open(path, "w") as f:  # a crash here must not lose the log
         f.writelines(keep)
 
 
@@ -105,7 +107,7 @@ class Reporter:
                 raise ValueError(f"--report-to wandb: {error} (or set WANDB_MODE=offline to "
                                  f"log locally and `wandb sync` later)") from None
             if run_id is None:
-                with open(id_file, "w") as f:
+                with atomic_open(id_file, "w") as f:
                     f.write(self.wandb_run.id)
 
     def scalars(self, record: dict, step: int) -> None:
