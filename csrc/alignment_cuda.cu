@@ -1,6 +1,7 @@
 // CUDA stage kernels of the native alignment op (see alignment_detail.h for what each computes).
 // The GEMMs around them are cuBLAS (at::mm). Accumulation in float32 (float64 for float64
-// inputs). Reductions are deterministic: warp shuffles and shared memory inside a block,
+// inputs; the cosine stage in float64, as on the CPU: its sums over Z and R are cheap and
+// |p|² must not overflow). Reductions are deterministic: warp shuffles and shared memory inside a block,
 // per-block partial sums added in a fixed order by a second kernel, no atomics. No Python.
 #include "alignment_detail.h"
 
@@ -13,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace repa_fast {
 namespace detail {
@@ -167,13 +169,13 @@ void column_epilogue(const scalar_t* g, const scalar_t* pre, scalar_t* out, cons
 
 // Pooled target value z̄[r, j] (target in the accumulate dtype, last dim contiguous).
 template <typename acc_t>
-__device__ __forceinline__ acc_t pooled_target(const acc_t* zbase, int64_t first, int64_t j,
-                                               int64_t stride_t, const Geometry& geo,
-                                               acc_t inv_cell) {
-  acc_t zv = acc_t(0);
+__device__ __forceinline__ double pooled_target(const acc_t* zbase, int64_t first, int64_t j,
+                                                int64_t stride_t, const Geometry& geo,
+                                                double inv_cell) {
+  double zv = 0.0;
   for (int64_t di = 0; di < geo.target_pool; ++di) {
     for (int64_t dj = 0; dj < geo.target_pool; ++dj) {
-      zv += zbase[(first + di * geo.target_grid + dj) * stride_t + j];
+      zv += static_cast<double>(zbase[(first + di * geo.target_grid + dj) * stride_t + j]);
     }
   }
   return zv * inv_cell;
@@ -189,61 +191,68 @@ __global__ void cosine_forward_kernel(const scalar_t* proj, const scalar_t* b3,
   const int64_t r = blockIdx.x;
   const acc_t* zbase = target + (r / geo.cells) * stride_b;
   const int64_t first = geo.first_target_token(r);
-  const acc_t inv_cell = acc_t(1) / static_cast<acc_t>(geo.target_pool * geo.target_pool);
-  acc_t pz = acc_t(0), pp = acc_t(0), zz = acc_t(0);
+  const double inv_cell = 1.0 / static_cast<double>(geo.target_pool * geo.target_pool);
+  double pz = 0.0, pp = 0.0, zz = 0.0;
   for (int64_t j = threadIdx.x; j < z; j += blockDim.x) {
-    const acc_t pv = static_cast<acc_t>(proj[r * z + j]) + static_cast<acc_t>(b3[j]);
-    const acc_t zv = pooled_target(zbase, first, j, stride_t, geo, inv_cell);
+    const double pv = static_cast<double>(static_cast<acc_t>(proj[r * z + j]) +
+                                          static_cast<acc_t>(b3[j]));
+    const double zv = pooled_target(zbase, first, j, stride_t, geo, inv_cell);
     pz += pv * zv;
     pp += pv * pv;
     zz += zv * zv;
   }
   block_sum3(pz, pp, zz);
   if (threadIdx.x == 0) {
-    const acc_t norm_p = clamp_eps(::sqrt(pp)), norm_z = clamp_eps(::sqrt(zz));
-    stats[r] = pz / (norm_p * norm_z);
-    stats[geo.rows + r] = norm_p;
-    stats[2 * geo.rows + r] = norm_z;
+    const double norm_p = clamp_eps(::sqrt(pp)), norm_z = clamp_eps(::sqrt(zz));
+    stats[r] = static_cast<acc_t>(pz / (norm_p * norm_z));
+    stats[geo.rows + r] = static_cast<acc_t>(norm_p);
+    stats[2 * geo.rows + r] = static_cast<acc_t>(norm_z);
   }
 }
 
 // One block: loss = −(1/R)·Σ_r cos_r.
 template <typename acc_t>
 __global__ void loss_kernel(const acc_t* stats, int64_t rows, acc_t* loss) {
-  acc_t total = acc_t(0), unused_b = acc_t(0), unused_c = acc_t(0);
-  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) total += stats[r];
+  double total = 0.0, unused_b = 0.0, unused_c = 0.0;
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) total += static_cast<double>(stats[r]);
   block_sum3(total, unused_b, unused_c);
-  if (threadIdx.x == 0) *loss = -total / static_cast<acc_t>(rows);
+  if (threadIdx.x == 0) *loss = static_cast<acc_t>(-total / static_cast<double>(rows));
 }
 
-// One block per pooled row r: dp[r, ·] and, when dtarget is given, dz̄/k_t² to the cell's
-// target tokens (dtarget contiguous [B, T', Z]).
+// One block per pooled row r: dp[r, ·] (also unrounded into d_acc when given: db3 sums those,
+// as the CPU does, not dp rounded to half precision) and, when dtarget is given, dz̄/k_t² to
+// the cell's target tokens (dtarget contiguous [B, T', Z]).
 template <typename scalar_t>
 __global__ void cosine_backward_kernel(const at::opmath_type<scalar_t>* grad,
                                        const scalar_t* proj, const scalar_t* b3,
                                        const at::opmath_type<scalar_t>* target, int64_t stride_b,
                                        int64_t stride_t, const at::opmath_type<scalar_t>* stats,
-                                       scalar_t* dp, at::opmath_type<scalar_t>* dtarget,
-                                       int64_t z, Geometry geo) {
+                                       scalar_t* dp, at::opmath_type<scalar_t>* d_acc,
+                                       at::opmath_type<scalar_t>* dtarget, int64_t z,
+                                       Geometry geo) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t r = blockIdx.x, rows = geo.rows;
-  const acc_t c = -grad[0] / static_cast<acc_t>(rows);
-  const acc_t cos_r = stats[r], norm_p = stats[rows + r], norm_z = stats[2 * rows + r];
+  const double c = -static_cast<double>(grad[0]) / static_cast<double>(rows);
+  const acc_t norm_p_acc = stats[rows + r], norm_z_acc = stats[2 * rows + r];
+  const double cos_r = stats[r], norm_p = norm_p_acc, norm_z = norm_z_acc;
   const acc_t eps = static_cast<acc_t>(kEps);
-  const acc_t inv_pz = c / (norm_p * norm_z);
+  const double inv_pz = c / (norm_p * norm_z);
   // the clamp at ε stops the gradient through the norm (as in F.normalize)
-  const acc_t p_term = norm_p > eps ? c * cos_r / (norm_p * norm_p) : acc_t(0);
-  const acc_t z_term = norm_z > eps ? c * cos_r / (norm_z * norm_z) : acc_t(0);
+  const double p_term = norm_p_acc > eps ? c * cos_r / (norm_p * norm_p) : 0.0;
+  const double z_term = norm_z_acc > eps ? c * cos_r / (norm_z * norm_z) : 0.0;
   const int64_t sample = r / geo.cells, first = geo.first_target_token(r);
   const acc_t* zbase = target + sample * stride_b;
   const int64_t kt = geo.target_pool;
-  const acc_t inv_cell = acc_t(1) / static_cast<acc_t>(kt * kt);
+  const double inv_cell = 1.0 / static_cast<double>(kt * kt);
   for (int64_t j = threadIdx.x; j < z; j += blockDim.x) {
-    const acc_t pv = static_cast<acc_t>(proj[r * z + j]) + static_cast<acc_t>(b3[j]);
-    const acc_t zv = pooled_target(zbase, first, j, stride_t, geo, inv_cell);
-    dp[r * z + j] = static_cast<scalar_t>(inv_pz * zv - p_term * pv);
+    const double pv = static_cast<double>(static_cast<acc_t>(proj[r * z + j]) +
+                                          static_cast<acc_t>(b3[j]));
+    const double zv = pooled_target(zbase, first, j, stride_t, geo, inv_cell);
+    const double d = inv_pz * zv - p_term * pv;
+    dp[r * z + j] = static_cast<scalar_t>(d);
+    if (d_acc != nullptr) d_acc[r * z + j] = static_cast<acc_t>(d);
     if (dtarget != nullptr) {
-      const acc_t dz = (inv_pz * pv - z_term * zv) * inv_cell;
+      const acc_t dz = static_cast<acc_t>((inv_pz * pv - z_term * zv) * inv_cell);
       acc_t* dbase = dtarget + sample * geo.target_tokens * z;
       for (int64_t di = 0; di < kt; ++di) {
         for (int64_t dj = 0; dj < kt; ++dj) {
@@ -314,16 +323,25 @@ void cosine_backward_cuda(const at::Tensor& grad, const at::Tensor& proj, const 
                                   "cosine_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t z = proj.size(1);
+    // half precision: db3 sums an unrounded copy of dp (tiny dp lose digits or flush to zero
+    // in fp16); float/double: dp itself is the unrounded value
+    constexpr bool kRounded = !std::is_same<scalar_t, acc_t>::value;
+    const at::Tensor d_acc = kRounded ? at::empty({geo.rows, z}, db3.options()) : at::Tensor();
     cosine_backward_kernel<scalar_t><<<static_cast<unsigned int>(geo.rows), kThreads, 0,
                                        stream>>>(
         grad.const_data_ptr<acc_t>(), proj.const_data_ptr<scalar_t>(),
         b3.const_data_ptr<scalar_t>(), target.const_data_ptr<acc_t>(), target.stride(0),
         target.stride(1), stats.const_data_ptr<acc_t>(), dp.data_ptr<scalar_t>(),
+        kRounded ? d_acc.data_ptr<acc_t>() : nullptr,
         dtarget.defined() ? dtarget.data_ptr<acc_t>() : nullptr, z, geo);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // db3 = column sums of dp (as rounded to the compute dtype, the values the GEMMs see)
-    column_epilogue<scalar_t, false>(dp.const_data_ptr<scalar_t>(), nullptr, nullptr, db3,
-                                     geo.rows, z, geo, false, 1.0);
+    if constexpr (kRounded) {
+      column_epilogue<acc_t, false>(d_acc.const_data_ptr<acc_t>(), nullptr, nullptr, db3,
+                                    geo.rows, z, geo, false, 1.0);
+    } else {
+      column_epilogue<scalar_t, false>(dp.const_data_ptr<scalar_t>(), nullptr, nullptr, db3,
+                                       geo.rows, z, geo, false, 1.0);
+    }
   });
 }
 
