@@ -113,3 +113,14 @@ def cpu_fp32_matmul_peak_tflops() -> float:
                 best = min(best, time.perf_counter() - start)
         _MATMUL_PEAK["cpu_fp32"] = 2 * n ** 3 / best / 1e12
     return _MATMUL_PEAK["cpu_fp32"]
+
+
+def official_projection_loss(zs, zs_tilde):
+    """The official loss.py: normalise and average sample by sample in Python."""
+    import torch.nn.functional as F
+    total = 0.0
+    for z, z_tilde in zip(zs, zs_tilde):
+        for z_j, z_tilde_j in zip(z, z_tilde):
+            total = total + (-(F.normalize(z_j, dim=-1) * F.normalize(z_tilde_j, dim=-1))
+                             .sum(dim=-1)).mean()
+    return total / (len(zs) * zs[0].shape[0])
