@@ -1,6 +1,8 @@
 // test_alignment: checks repa_fast::alignment_forward / alignment_backward (csrc/alignment.h)
 // against a libtorch-autograd reference of the REPA alignment loss, on CPU (and on CUDA where
-// the library was built with its CUDA part and a GPU is present). Built and run by CMake:
+// the library was built with its CUDA part and a GPU is present); the differentiable
+// repa_fast::alignment_loss (csrc/alignment_autograd.h) against them, and in a C++ training
+// loop. Built and run by CMake:
 //
 //   cmake -S . -B build -DCMAKE_PREFIX_PATH="$(python -c 'import torch;print(torch.utils.cmake_prefix_path)')"
 //   cmake --build build -j && ctest --test-dir build --output-on-failure
@@ -31,6 +33,7 @@
 #include <vector>
 
 #include "alignment.h"
+#include "alignment_autograd.h"
 
 #ifndef REPA_FAST_TEST_OP_NAMESPACE
 #define REPA_FAST_TEST_OP_NAMESPACE "repa_fast"
@@ -291,6 +294,89 @@ void check_dispatcher_calls(const at::Device& device) {
   }
 }
 
+// repa_fast::alignment_loss (the torch::autograd::Function): loss.backward() leaves in .grad
+// exactly what alignment_backward returns, for a loss gradient other than 1 and with the grids
+// inferred from square token counts; a target that does not require grad gets none.
+void check_autograd_function(const at::Device& device) {
+  const std::string tag = std::string(" [") + device.str() + "]";
+  try {
+    const Inputs in = make_inputs(2, 36, 5, 12, 20, 10, at::kDouble, device);
+    for (bool target_grad : {false, true}) {
+      std::vector<at::Tensor> leaves;
+      for (const auto& t : in.all()) leaves.push_back(t.clone().set_requires_grad(true));
+      leaves[1].set_requires_grad(target_grad);
+      const at::Tensor loss = repa_fast::alignment_loss(
+          leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], leaves[5], leaves[6], leaves[7],
+          {/*hidden_grid=*/0, /*target_grid=*/0, /*target_prefix_tokens=*/1});
+      report(loss.requires_grad() && loss.grad_fn() != nullptr,
+             "alignment_loss has a grad_fn" + tag, "");
+      const at::Tensor grad_loss = at::full({}, 0.75, loss.options());
+      loss.backward(grad_loss);
+      const auto direct = repa_fast::alignment_forward(in.hidden, in.target, in.w1, in.b1, in.w2,
+                                                       in.b2, in.w3, in.b3, 6, 2, 1);
+      check_close("alignment_loss = alignment_forward" + tag, loss, std::get<0>(direct), 1e-14,
+                  0.0, 1.0);
+      const auto grads = repa_fast::alignment_backward(
+          grad_loss, in.hidden, in.target, in.w1, in.b1, in.w2, in.b2, in.w3, in.b3,
+          std::get<1>(direct), 6, 2, 1, target_grad);
+      static const char* names[] = {"hidden", "target", "w1", "b1", "w2", "b2", "w3", "b3"};
+      for (size_t i = 0; i < 8; ++i) {
+        const std::string what = std::string("alignment_loss backward: ") + names[i] + ".grad" +
+                                 (target_grad ? " (target grad)" : "") + tag;
+        if (i == 1 && !target_grad) {
+          report(!leaves[1].grad().defined(), what + " undefined", "");
+          continue;
+        }
+        check_close(what, leaves[i].grad(), grads[i], 1e-12, 0.0);
+      }
+    }
+    // a token count that is not a square, with the grid left to be inferred, is refused
+    bool raised = false;
+    std::string message;
+    try {
+      repa_fast::alignment_loss(in.hidden, in.target, in.w1, in.b1, in.w2, in.b2, in.w3, in.b3);
+    } catch (const c10::Error& e) {
+      raised = true;
+      message = e.what_without_backtrace();
+      message = message.substr(0, message.find('\n'));
+    }
+    report(raised && message.find("target_grid") != std::string::npos,
+           "alignment_loss refuses to infer a grid from 5 tokens" + tag, message);
+  } catch (const std::exception& e) {
+    report(false, "alignment_loss (autograd)" + tag, std::string("exception: ") + e.what());
+  }
+}
+
+// A C++ training loop: a torch::nn projector and Adam on the alignment loss alone pull the
+// projected tokens towards a fixed target (the loss falls from ~0 towards -1).
+void check_cpp_training_loop() {
+  try {
+    const int64_t B = 4, T = 16, D = 24, P = 32, Z = 16;
+    torch::nn::Linear l1(D, P), l2(P, P), l3(P, Z);
+    const at::Tensor hidden = torch::randn({B, T, D});
+    const at::Tensor target = torch::randn({B, 1 + T, Z});  // a CLS token, then a 4x4 grid
+    std::vector<at::Tensor> params;
+    for (auto* layer : {&l1, &l2, &l3})
+      for (const auto& p : (*layer)->parameters()) params.push_back(p);
+    torch::optim::Adam optimizer(params, torch::optim::AdamOptions(1e-2));
+    double first = 0.0, last = 0.0;
+    for (int step = 0; step < 60; ++step) {
+      optimizer.zero_grad();
+      const at::Tensor loss = repa_fast::alignment_loss(
+          hidden, target, l1->weight, l1->bias, l2->weight, l2->bias, l3->weight, l3->bias,
+          {0, 0, /*target_prefix_tokens=*/1});
+      loss.backward();
+      optimizer.step();
+      (step == 0 ? first : last) = loss.item<double>();
+    }
+    char buf[128];
+    std::snprintf(buf, sizeof buf, "loss %.4f -> %.4f after 60 Adam steps", first, last);
+    report(std::isfinite(last) && last < first - 0.5, "a C++ training loop lowers the loss", buf);
+  } catch (const std::exception& e) {
+    report(false, "a C++ training loop", std::string("exception: ") + e.what());
+  }
+}
+
 // Bad arguments raise a c10::Error (TORCH_CHECK) rather than reading out of bounds.
 void check_rejects_bad_arguments() {
   struct Bad {
@@ -335,6 +421,8 @@ int main() {
   check_dispatcher();
   check_dispatcher_calls(at::Device(at::kCPU));
   check_rejects_bad_arguments();
+  check_autograd_function(at::Device(at::kCPU));
+  check_cpp_training_loop();
 
   const Case cases[] = {
       // SiT 16x16 against an encoder with a CLS token and a 16x16 grid (REPA's usual set-up).
@@ -354,7 +442,10 @@ int main() {
     std::printf("(built with CUDA, but no GPU is present: CPU checks only)\n");
   }
 #endif
-  if (devices.size() > 1) check_dispatcher_calls(devices.back());
+  if (devices.size() > 1) {
+    check_dispatcher_calls(devices.back());
+    check_autograd_function(devices.back());
+  }
   for (const at::Device& device : devices)
     for (at::ScalarType dtype : {at::kDouble, at::kFloat})
       for (const Case& c : cases) run_case(c, dtype, device);
