@@ -33,3 +33,18 @@ def make_inputs(B, T, T_target, D=48, P=80, Z=40, dtype=torch.float32, target_gr
           torch.randn(P) * 0.1, torch.randn(Z, P) / P ** 0.5, torch.randn(Z) * 0.1]
     ws = [w.to(dtype).requires_grad_(True) for w in ws]
     return h, z, ws
+
+
+def cuda_peak_extra_bytes(projector, h, z, backend):
+    """Peak CUDA memory one forward + backward of ``projector.alignment_loss`` adds above what
+    exists before it (inputs, weights, .grad buffers), after two calls that allocate the .grad
+    buffers and let Triton autotune."""
+    for _ in range(2):
+        projector.zero_grad(set_to_none=False)
+        projector.alignment_loss(h, z, backend=backend).backward()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    projector.alignment_loss(h, z, backend=backend).backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base

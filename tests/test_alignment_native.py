@@ -21,7 +21,7 @@ from repa_fast.ops import REPAProjector, describe_backends, repa_alignment_loss
 from repa_fast.ops import backends
 from repa_fast.ops.backends import auto_backend, native_import_problem
 
-from alignment_cases import loop_loss, make_inputs
+from alignment_cases import cuda_peak_extra_bytes, loop_loss, make_inputs
 
 PROBLEM = native_import_problem()
 needs_native = pytest.mark.skipif(PROBLEM is not None,
@@ -358,18 +358,8 @@ def test_gpu_memory_and_agreement_with_triton(seed):
     h = torch.randn(32, 256, 1152, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     z = torch.randn(32, 256, 768, device="cuda", dtype=torch.bfloat16)
 
-    def peak_extra(backend):
-        for _ in range(2):  # the first call allocates .grad buffers
-            proj.zero_grad(set_to_none=False)
-            proj.alignment_loss(h, z, backend=backend).backward()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        proj.alignment_loss(h, z, backend=backend).backward()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-
-    assert peak_extra("native") <= 0.5 * peak_extra("reference")
+    assert (cuda_peak_extra_bytes(proj, h, z, "native")
+            <= 0.5 * cuda_peak_extra_bytes(proj, h, z, "reference"))
     native = proj.alignment_loss(h, z, backend="native")
     if backends._triton_problem(h.device, torch.bfloat16) is None:
         triton = proj.alignment_loss(h, z, backend="triton")

@@ -12,7 +12,7 @@ from repa_fast.ops import REPAProjector, describe_backends, repa_alignment_loss
 from repa_fast.ops import alignment_triton  # noqa: F401  (registers the repa_fast:: ops)
 from repa_fast.ops.backends import auto_backend
 
-from alignment_cases import loop_loss, make_inputs
+from alignment_cases import cuda_peak_extra_bytes, loop_loss, make_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -244,18 +244,8 @@ def test_gpu_compile_fullgraph_and_memory(seed):
     h = torch.randn(32, 256, 1152, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     z = torch.randn(32, 256, 768, device="cuda", dtype=torch.bfloat16)
 
-    def peak_extra(backend):
-        for _ in range(2):  # the first call allocates .grad buffers and autotunes
-            proj.zero_grad(set_to_none=False)
-            proj.alignment_loss(h, z, backend=backend).backward()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        proj.alignment_loss(h, z, backend=backend).backward()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-
-    assert peak_extra("triton") <= 0.5 * peak_extra("reference")
+    assert (cuda_peak_extra_bytes(proj, h, z, "triton")
+            <= 0.5 * cuda_peak_extra_bytes(proj, h, z, "reference"))
     step = torch.compile(lambda h, z: proj.alignment_loss(h, z, backend="triton"), fullgraph=True)
     eager = proj.alignment_loss(h, z, backend="triton")
     assert torch.allclose(step(h, z), eager, rtol=1e-3, atol=1e-4)
