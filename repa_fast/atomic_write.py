@@ -34,21 +34,27 @@ def _fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+def publish(tmp: PathLike, path: PathLike, *, sync: bool = True) -> None:
+    """Put the complete, closed file ``tmp`` under its final name ``path``: flushed to disk
+    first (``sync``), then renamed, then the rename itself made durable."""
+    if sync:
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
+    os.replace(tmp, path)
+    if sync:
+        _fsync_directory(os.fspath(path))
+
+
 @contextmanager
 def atomic_path(path: PathLike, *, sync: bool = True, unique: bool = False) -> Iterator[str]:
     """Yield a temporary path for the caller (or a library: ``torch.save``, ``save_file``)
-    to write; when the block ends without error it is synced (``sync``) and renamed over
-    ``path``."""
+    to write; when the block ends without error it is published over ``path``
+    (:func:`publish`)."""
     path = os.fspath(path)
     tmp = temporary_name(path, unique)
     try:
         yield tmp
-        if sync:
-            with open(tmp, "rb+") as written:
-                os.fsync(written.fileno())
-        os.replace(tmp, path)
-        if sync:
-            _fsync_directory(path)
+        publish(tmp, path, sync=sync)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

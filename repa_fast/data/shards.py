@@ -20,7 +20,7 @@ import os
 import tarfile
 from typing import Optional
 
-from ..atomic_write import temporary_name, write_json_atomic
+from ..atomic_write import publish, temporary_name, write_json_atomic
 
 INDEX = "index.json"
 FORMAT = "repa_fast-webdataset-v1"
@@ -61,10 +61,8 @@ class ShardWriter:
         """Close, flush to disk, and publish the shard and its metadata (the metadata last:
         a shard counts as finished only when both exist)."""
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self._tmp, self.path)
+        publish(self._tmp, self.path)
         meta = dict(shard=os.path.basename(self.path), samples=self.samples, skipped=skipped)
         write_json_atomic(self.meta_path, meta)
         return meta
