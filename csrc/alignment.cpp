@@ -78,9 +78,6 @@ int64_t check_grid(int64_t grid, int64_t tokens, const char* argument) {
   return grid;
 }
 
-// The stage kernels of the tensor's device.
-// RECORD_FUNCTION: each stage shows up by name in torch.profiler traces.
-
 #ifndef REPA_FAST_WITH_CUDA
 // A CPU-only build reached a stage with a CUDA tensor: check_inputs stops public calls before
 // this, so only a C++ caller of the stages themselves gets here; never return unwritten output.
@@ -90,6 +87,9 @@ int64_t check_grid(int64_t grid, int64_t tokens, const char* argument) {
               "-DREPA_FAST_WITH_CUDA=ON)");
 }
 #endif
+
+// The stage kernels of the tensor's device.
+// RECORD_FUNCTION: each stage shows up by name in torch.profiler traces.
 void bias_silu_pool(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& out,
                     const Geometry& geo, bool pooled, bool keep_pre) {
   RECORD_FUNCTION("repa_fast::bias_silu_pool", std::vector<c10::IValue>());

@@ -1,8 +1,9 @@
 // CUDA stage kernels of the native alignment op (see alignment_detail.h for what each computes).
 // The GEMMs around them are cuBLAS (at::mm). Accumulation in float32 (float64 for float64
-// inputs; the cosine stage in float64, as on the CPU: its sums over Z and R are cheap and
-// |p|² must not overflow). Reductions are deterministic: warp shuffles and shared memory inside a block,
-// per-block partial sums added in a fixed order by a second kernel, no atomics. No Python.
+// inputs; the cosine stage in float64, as on the CPU: its sums over Z and R are cheap and |p|²
+// must not overflow). Reductions are deterministic: warp shuffles and shared memory inside a
+// block, per-block partial sums added in a fixed order by a second kernel, no atomics.
+// No Python.
 #include "alignment_detail.h"
 
 #include <ATen/Dispatch.h>
