@@ -6,9 +6,11 @@ same run. On GPU: SiT-B/2 and SiT-XL/2 on 256 px latents (32×32×4) with a DINO
 * ``official_style``: fp16 autocast (bf16 where fp16 is unsupported), eager, timm's explicit
   attention (``fused_attn=False``), the projector as layers and loss.py's per-sample loop,
   GradScaler, AdamW(foreach), EMA per parameter, encoder in fp16 autocast;
-* ``repa_fast``: bf16 autocast, the auto attention backend, the fused alignment op,
-  ``torch.compile`` of SiT and encoder on GPU, fused AdamW with the device-side non-finite
-  skip and the foreach EMA, as ``repa_fast.train`` runs them.
+* ``repa_fast``: :class:`repa_fast.training.step.TrainStep`, the very step ``repa_fast.train``
+  runs, with the project's defaults (``TrainConfig()``: bf16 autocast, the auto attention
+  backend, the fused alignment op, ``torch.compile`` of SiT and encoder on CUDA, fused AdamW
+  with the device-side non-finite skip, the foreach EMA, random draws on the device), fed
+  with VAE moments, images and labels as the loader gives them.
 
 MFU = images/s × FLOPs per image (``repa_fast.training.metrics.flops_per_image``: SiT and
 projector, forward + backward; the encoder's forward is not counted) / the card's measured
@@ -23,9 +25,11 @@ import torch
 
 from bench_utils import DEVICE, ON_GPU, bf16_matmul_peak_tflops, official_projection_loss, timed
 from repa_fast.models import SiT_models
+from repa_fast.train import build_model
+from repa_fast.training.config import TrainConfig
 from repa_fast.training.ema import EMA
-from repa_fast.training.optim import skippable_step
 from repa_fast.training.metrics import flops_per_image
+from repa_fast.training.step import TrainStep
 from repa_fast.transport import SILoss
 
 CASES = {"SiT-B/2": (64, 32, 4), "SiT-XL/2": (32, 32, 4)} if ON_GPU else {"SiT-T/4": (8, 16, 4)}
@@ -67,23 +71,16 @@ class OfficialLoss(SILoss):
         return loss, official_projection_loss(zs, out["zs_tilde"])
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("provider", ["official_style", "repa_fast"])
-def test_train_step(benchmark, provider, case):
+def official_step(case, encoder, image_size):
+    """The official-style step and the model it trains."""
     batch, size, channels = CASES[case]
-    official = provider == "official_style"
-    encoder, image_size = make_encoder()
-    encoder = encoder.to(DEVICE)
     model = SiT_models[case](input_size=size, in_channels=channels, z_dims=[encoder.embed_dim],
-                             encoder_depth=8 if ON_GPU else 2, fused_attn=not official,
-                             grad_checkpointing=GRAD_CKPT and not official,
+                             encoder_depth=8 if ON_GPU else 2, fused_attn=False,
                              validate_inputs=False).to(DEVICE)
     ema = EMA(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not official)
-    loss_fn = OfficialLoss() if official else SILoss()
-    step_model = torch.compile(model) if ON_GPU and not official else model
-    encode = torch.compile(encoder) if ON_GPU and not official else encoder
-    half = torch.float16 if official and ON_GPU else torch.bfloat16
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = OfficialLoss()
+    half = torch.float16 if ON_GPU else torch.bfloat16
     scaler = torch.amp.GradScaler(DEVICE.type, enabled=half == torch.float16)
     x = torch.randn(batch, channels, size, size, device=DEVICE)
     y = torch.randint(0, 1000, (batch,), device=DEVICE)
@@ -92,23 +89,48 @@ def test_train_step(benchmark, provider, case):
 
     def step():
         with torch.no_grad(), torch.autocast(DEVICE.type, dtype=half, enabled=ON_GPU):
-            zs = [encode(images)]
+            zs = [encoder(images)]
         with torch.autocast(DEVICE.type, dtype=half, enabled=ON_GPU):
-            loss, proj = loss_fn(step_model, x, dict(y=y), zs=zs)
+            loss, proj = loss_fn(model, x, dict(y=y), zs=zs)
             total = loss.mean() + 0.5 * proj.mean()
         scaler.scale(total).backward()
         scaler.unscale_(opt)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if official:
-            scaler.step(opt)
-            ema_official(ema.model, model)
-        else:
-            found_inf = (~(torch.isfinite(total.detach()) & torch.isfinite(norm))).float()
-            skippable_step(opt, found_inf)
-            ema.update(model, found_inf=found_inf)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        ema_official(ema.model, model)
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
+    return model, step
+
+
+def repa_fast_step(case, encoder, image_size):
+    """``TrainStep`` with the project's defaults; inputs as the loader hands them over (host
+    tensors, pinned on CUDA)."""
+    batch, size, channels = CASES[case]
+    config = TrainConfig(model=case, encoder_depth=8 if ON_GPU else 2,
+                         mixed_precision="bf16" if ON_GPU else "no",
+                         grad_checkpointing=GRAD_CKPT, batch_size=batch)
+    model = build_model(config, channels, size, [encoder.embed_dim]).to(DEVICE).train()
+    train_step = TrainStep.build(config, model, [encoder], DEVICE, x_shape=(channels, size, size),
+                                 latents_scale=0.18215)
+    pin = ON_GPU
+    moments = torch.randn(batch, 2 * channels, size, size, pin_memory=pin).abs_()
+    labels = torch.randint(0, 1000, (batch,), pin_memory=pin)
+    images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8,
+                           pin_memory=pin)
+    counter = iter(range(10 ** 9))
+    return model, lambda: train_step(next(counter), images, moments, labels)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("provider", ["official_style", "repa_fast"])
+def test_train_step(benchmark, provider, case):
+    batch = CASES[case][0]
+    encoder, image_size = make_encoder()
+    encoder = encoder.to(DEVICE)
+    build = official_step if provider == "official_style" else repa_fast_step
+    model, step = build(case, encoder, image_size)
     if ON_GPU:
         torch.cuda.reset_peak_memory_stats()
     timed(benchmark, step, flops=flops_per_image(model) * batch, rounds=20 if ON_GPU else 3,

@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model call in bf16 autocast or fp32 (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls for fp32 work on GPU, as official")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model call")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model call (default: on with CUDA, off on the CPU)")
     g.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="reduce-overhead / max-autotune also capture CUDA graphs")
     g = p.add_argument_group("quick-look grid")
@@ -405,7 +406,8 @@ def run(args: argparse.Namespace, procs: Processes) -> str:
                             cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
                             guidance_high=args.guidance_high, path_type=spec.path_type)
     velocity = Velocity(model.to(device), autocast_dtype=PRECISIONS[precision],
-                        compile=args.compile, compile_mode=args.compile_mode)
+                        compile=device.type == "cuda" if args.compile is None else args.compile,
+                        compile_mode=args.compile_mode)
     # Samples draw only from their own streams; seeding the global RNG as well keeps anything
     # else that might draw from it (nothing does today) reproducible.
     torch.manual_seed(args.global_seed)

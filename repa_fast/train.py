@@ -1,15 +1,18 @@
 """REPA training: ``python -m repa_fast.train`` (one process), ``torchrun ... -m repa_fast.train``
 (DDP), or ``deepspeed repa_fast/train.py --ds_config configs/ds/zero2.json ...`` (ZeRO 1-3).
 
-One flat loop, the official recipe step for step::
+One flat loop around :class:`repa_fast.training.step.TrainStep`, the official recipe step for
+step::
 
     x      = sample_posterior(moments)                      (latents from stored VAE moments)
     zs     = [encoder(images) for each encoder]             (frozen, no grad)
     loss   = velocity MSE + proj_coeff · proj_loss          (SILoss; fused alignment op)
     clip grad norm, AdamW step, EMA update
 
-No host synchronisation inside the step: losses and gradient norms are summed on the device
-and read every ``--log-every`` steps. A step whose loss or gradient norm is not finite is
+No host synchronisation between the log and checkpoint steps (plain and DDP paths): random
+draws are made on the device, losses and gradient norms are summed on the device and read
+every ``--log-every`` steps (``tests/test_train_no_sync.py`` records every op that reads device
+data on the host and finds none). A step whose loss or gradient norm is not finite is
 skipped on the device (the fused AdamW kernel and the EMA lerp take a ``found_inf`` flag: no
 weight, moment or EMA change) and counted; when a log or checkpoint step finds
 ``--max-nonfinite-steps`` skipped in a row, the run stops before saving, with the last good
@@ -37,7 +40,8 @@ from .training.checkpoint import (checkpoint_path, list_checkpoints, prune, reso
                                   rng_state, save_atomic, save_safetensors, set_rng_state)
 from .training.config import TrainConfig, parse_args, save_config
 from .training.ema import EMA
-from .training.optim import build_optimizer, skippable_step
+from .training.optim import build_optimizer
+from .training.step import TrainStep, compiled, make_loss, resolve_compile
 from .training.metrics import (MetricsLog, Reporter, flops_per_image, peak_tflops,
                                truncate_after)
 
@@ -65,31 +69,6 @@ class Distributed:
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
-
-
-def step_draws(config: TrainConfig, step: int, local_batch: int, shape: tuple, rank: int,
-               world_size: int):
-    """Times, noise, posterior noise and label-dropout flags of this rank's samples at
-    ``step``, drawn for the whole global batch from (seed, step) and sliced: sample i of the
-    global batch gets the same numbers whatever the number of processes (rank r holds
-    samples r, r + W, r + 2W, ... as the loader's order gives them), and a resumed run draws
-    exactly what the uninterrupted one did."""
-    from .transport.timesteps import sample_time
-    g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-    total = local_batch * world_size
-    time_ = sample_time(total, config.weighting, config.path_type, generator=g)
-    noise = torch.randn((total, *shape), generator=g)
-    eps = torch.randn((total, *shape), generator=g)
-    drop = torch.rand(total, generator=g) < config.cfg_prob
-    mine = torch.arange(local_batch) * world_size + rank
-    return time_[mine], noise[mine], eps[mine], drop[mine]
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on ``device`` without a host synchronisation (pinned, non-blocking)."""
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def demo_encoder(resolution: int):
@@ -136,9 +115,49 @@ def build_model(config: TrainConfig, in_channels: int, input_size: int, z_dims: 
         validate_inputs=False)
 
 
-def autocast(config: TrainConfig, device: torch.device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+def warm_kernels(config: TrainConfig, model, encoders: list, device: torch.device,
+                 local_batch: int, dist: Distributed, tiles: Optional[dict] = None) -> None:
+    """Triton tiles of the fused alignment op fixed before the first step: a resumed run's
+    recorded tiles are installed; then rank 0 tunes what is missing (or loads it from the
+    on-disk cache) at the training shapes, one line on stdout, and every rank takes rank 0's
+    choices. Nothing is tuned inside the training steps."""
+    from .kernels import autotune
+    if tiles:
+        autotune.install_tiles(tiles)
+    if not config.fused_loss:
+        return
+    from .ops.alignment import resolved_backend
+    from .training.step import autocast
+    with autocast(config, device):
+        probe = torch.empty(0, device=device)
+        from .ops.backends import compute_dtype
+        dtype = compute_dtype(probe)
+    if resolved_backend(device, dtype) != "triton":
+        return
+    if dist.main:
+        from .ops.alignment_warmup import warm_alignment_op
+        tokens = model.x_embedder.num_patches
+        for projector, encoder in zip(model.projectors, encoders):
+            encoder = getattr(encoder, "_orig_mod", encoder)
+            target_dtype = next(encoder.parameters()).dtype
+            message = warm_alignment_op(
+                projector, (local_batch, tokens, model.hidden_size),
+                (local_batch, encoder.grid ** 2, encoder.embed_dim), dtype, device,
+                target_dtype=target_dtype)
+            print(message, flush=True)
+    autotune.broadcast_tiles(src=0)
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, data_dir: str) -> None:
+    """Labels in [0, num_classes), checked on host batches with numpy (no torch op, so nothing
+    is ever read back from a GPU); batches already on a device are the loader's to check."""
+    if labels.device.type != "cpu" or not labels.numel():
+        return
+    values = labels.numpy()
+    low, high = int(values.min()), int(values.max())
+    if not 0 <= low <= high < num_classes:
+        raise ValueError(f"--num-classes {num_classes}: the data set in {data_dir} holds labels "
+                         f"in [{low}, {high}]")
 
 
 @torch.no_grad()
@@ -170,8 +189,6 @@ def sample_grid(ema_model, noise: torch.Tensor, labels: torch.Tensor, latents_sc
 def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     """Run training; returns the last logged metrics."""
     from .data import LoaderConfig, make_loader, read_index
-    from .transport import SILoss
-    from .vae import sample_posterior
 
     dist = dist or Distributed()
     config.check(dist.world_size)
@@ -226,8 +243,6 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     optimizer = build_optimizer(config.optimizer, model.parameters(), lr=config.learning_rate,
                                 betas=(config.adam_beta1, config.adam_beta2),
                                 eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16"
-                                  and not config.ds_config)
     zero = None
     ds_dir = os.path.join(ckpt_dir, "deepspeed")
     if config.ds_config:
@@ -247,11 +262,8 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
                 raise ValueError(f"--resume: {resume} was written by a DeepSpeed run (its "
                                  f"optimizer state is in {ds_dir}); resume it with --ds_config")
             optimizer.load_state_dict(state["opt"])
-    forward = torch.compile(wrapped) if config.compile else wrapped
-    if config.compile:  # the frozen encoders' forward too (inference graphs, no backward)
-        encoders = [torch.compile(encoder) for encoder in encoders]
-    loss_fn = SILoss(prediction=config.prediction, path_type=config.path_type,
-                     weighting=config.weighting, fused=config.fused_loss)
+    config.compile = resolve_compile(config, device)  # recorded resolved in config.json
+    forward, encoders = compiled(wrapped, encoders, config.compile)
     vae = None
     if config.vae and not pixel_space:
         from .vae import load_vae
@@ -283,7 +295,10 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
             raise ValueError(f"--resume: {resume} was saved by {len(rngs)} processes, this run "
                              f"has {dist.world_size}; exact resume needs the same number")
         set_rng_state(rngs[dist.rank])
-        del state
+    tiles = state.get("kernel_tiles") if state is not None else None
+    state = None
+
+    from .kernels import autotune
 
     def save(at: int) -> None:
         # every rank's RNG state: each draws its own noise and times
@@ -297,6 +312,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
         if dist.main:
             state = dict(model=weights, ema=ema.state_dict(), args=config.to_dict(), steps=at,
                          rng=rngs, loader=loader.state_dict(),
+                         kernel_tiles=autotune.export_tiles(used_only=True),
                          **({} if zero else dict(opt=optimizer.state_dict())))
             save_atomic(state, checkpoint_path(ckpt_dir, at))
             if config.save_safetensors:
@@ -310,7 +326,12 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
         stop["signal"] = signum
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
-    x_shape = (in_channels, input_size, input_size)
+    warm_kernels(config, model, encoders, device, config.batch_size // dist.world_size, dist,
+                 tiles)
+    train_step = TrainStep(config, device, model, forward, encoders, make_loss(config),
+                           optimizer, ema, x_shape=(in_channels, input_size, input_size),
+                           latents_scale=latents_scale, rank=dist.rank,
+                           world_size=dist.world_size, zero=zero)
     flops = flops_per_image(model)
     peak = peak_tflops(device)
     from tqdm import tqdm
@@ -339,61 +360,14 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
             t0 = time.perf_counter()
             images, moments, labels = next(batches)
             data_wait += time.perf_counter() - t0
-            if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < \
-                    config.num_classes:  # host tensors: no GPU sync
-                raise ValueError(f"--num-classes {config.num_classes}: the data set in "
-                                 f"{data_dir} holds labels in [{int(labels.min())}, "
-                                 f"{int(labels.max())}]")
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            # drawn on the CPU (the same numbers on any device), copied without a sync: a
-            # blocking copy from pageable memory would wait for the GPU's queue every step
-            time_, noise, eps, drop = (to_device(t, device) for t in step_draws(
-                config, step, labels.shape[0], x_shape, dist.rank, dist.world_size))
-            with torch.no_grad():
-                x = sample_posterior(moments.to(device, non_blocking=True), latents_scale,
-                                     noise=eps)
-                with autocast(config, device):
-                    zs = [encoder(images) for encoder in encoders]
-            model_kwargs = dict(y=labels)
-            if config.cfg_prob > 0:
-                model_kwargs["force_drop_ids"] = drop.to(device, torch.int64)
-            with autocast(config, device):
-                loss, proj_loss = loss_fn(forward, x, model_kwargs, zs=zs, time=time_,
-                                          noise=noise)
-                loss_mean, proj_mean = loss.mean(), proj_loss.mean()
-                total = loss_mean + config.proj_coeff * proj_mean
-            if zero is not None:
-                # DeepSpeed clips and steps inside engine.step(), which has no skip input for
-                # bf16/fp32 (fp16 has its loss scaler): decide on the loss before backward
-                # (one host read per step on this path)
-                finite = bool(torch.isfinite(total))
-                grad_norm = torch.zeros((), device=device)
-                if finite:
-                    grad_norm = zero.backward_and_step(total).to(device)
-                    with zero.gathered():
-                        ema.update(zero.module)
-                found_inf = torch.tensor(float(not finite), device=device)
-            else:
-                scaler.scale(total).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                           config.max_grad_norm)
-                # a non-finite loss or gradient norm skips the step on the device: the fused
-                # AdamW kernel and the EMA lerp read found_inf, nothing waits for the host
-                found_inf = (~(torch.isfinite(total.detach()) & torch.isfinite(grad_norm))).float()
-                if dist.world_size > 1:  # every rank skips together
-                    torch.distributed.all_reduce(found_inf, torch.distributed.ReduceOp.MAX)
-                skippable_step(optimizer, found_inf)
-                ema.update(model, found_inf=found_inf)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+            check_labels(labels, config.num_classes, data_dir)
+            out = train_step(step, images, moments, labels)
+            found_inf = out.found_inf
             # skipped steps count as steps (their batch is consumed), as with fp16 loss scaling
             step += 1
             window_images += images.shape[0] * dist.world_size
             bad = found_inf.bool()
-            values = torch.stack([loss_mean.detach(), proj_mean.detach(),
-                                  grad_norm.detach().to(device)]).float()
+            values = torch.stack([out.loss, out.proj_loss, out.grad_norm]).float()
             sums += torch.where(bad, torch.zeros_like(values), values)
             counts += torch.stack([1 - found_inf, found_inf])
             skip_run = (skip_run + 1) * found_inf

@@ -32,6 +32,14 @@ def _resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     return requested
 
 
+def resolved_backend(device: torch.device, dtype: torch.dtype,
+                     backend: Optional[str] = None) -> str:
+    """The backend a call on ``device`` in ``dtype`` runs with (``backend``, else
+    ``$REPA_FAST_OPS_BACKEND``, else auto); raises as the call would for a forced backend that
+    cannot run."""
+    return _resolve(requested_backend(backend), torch.device(device), dtype)
+
+
 def repa_alignment_loss(hidden: torch.Tensor, target: torch.Tensor,
                         w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                         w3: torch.Tensor, b3: torch.Tensor, *, hidden_grid: Optional[int] = None,

@@ -34,7 +34,7 @@ class TrainConfig:
     projector_dim: int = 2048
     resolution: int = 256
     attn_backend: str = "auto"
-    compile: bool = False
+    compile: Optional[bool] = None        # None: on for CUDA, off on the CPU (--no-compile)
     grad_checkpointing: bool = False
     # REPA
     enc_type: str = "dinov2-vit-b"
@@ -133,7 +133,7 @@ def parse_args(argv=None) -> TrainConfig:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # passed by the deepspeed launcher; RANK env wins
     for f in fields(TrainConfig):  # annotations are strings (postponed evaluation)
-        if f.type == "bool":
+        if f.type in ("bool", "Optional[bool]"):
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
                                 default=None)
         else:

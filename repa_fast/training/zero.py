@@ -114,11 +114,14 @@ class ZeroEngine:
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
     def backward_and_step(self, loss: torch.Tensor) -> torch.Tensor:
-        """Backward, clip (``gradient_clipping``), step; returns the pre-clip gradient norm."""
+        """Backward, clip (``gradient_clipping``), step; returns the pre-clip gradient norm
+        (a tensor; kept on the device when DeepSpeed gives one, so it is not read here)."""
         self.engine.backward(loss)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(float("nan") if norm is None else float(norm))
+        if isinstance(norm, torch.Tensor):
+            return norm.detach().float()
+        return torch.tensor(float("nan") if norm is None else norm)
 
     def full_state_dict(self) -> dict:
         """All weights on every rank (gathered under ZeRO-3), on the CPU, in fp32."""

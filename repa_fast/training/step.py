@@ -1,0 +1,202 @@
+"""One REPA training step, as ``repa_fast.train`` runs it and the training benchmark times it::
+
+    x     = sample_posterior(moments, ε)                    latents from stored VAE moments
+    zs    = [encoder(images) for each encoder]              frozen, no grad
+    loss  = velocity MSE + proj_coeff · proj_loss           SILoss, fused alignment op
+    clip grad norm, AdamW step, EMA update                  skipped on the device when not finite
+
+No host synchronisation (plain and DDP paths): the random draws are made on the device from
+(seed, step), the non-finite skip is a device flag read by the fused AdamW kernel and the EMA,
+and the step returns device tensors that the loop sums and reads only when it logs.
+Under DeepSpeed one host read remains per step (see :meth:`TrainStep.__call__`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+from ..transport import SILoss
+from ..transport.timesteps import sample_time
+from .. import vae as vae_module
+from .config import TrainConfig
+from .ema import EMA
+from .optim import build_optimizer, skippable_step
+
+
+class Draws(NamedTuple):
+    """A rank's random numbers for one step: times [B, 1, 1, 1], noise and posterior noise
+    [B, C, H, W], label-dropout flags [B] (bool)."""
+    time: torch.Tensor
+    noise: torch.Tensor
+    eps: torch.Tensor
+    drop: torch.Tensor
+
+
+def step_draws(config: TrainConfig, step: int, local_batch: int, shape: tuple, rank: int,
+               world_size: int, device: torch.device | str = "cpu") -> Draws:
+    """Times, noise, posterior noise and label-dropout flags of this rank's samples at
+    ``step``, drawn on ``device`` for the whole global batch from a generator seeded with
+    (seed, step), then sliced: sample i of the global batch gets the same numbers whatever the
+    number of processes (rank r holds samples r, r + W, r + 2W, ... as the loader's order gives
+    them), and a resumed run draws exactly what the uninterrupted one did.
+
+    Seeding a device generator and drawing on the device reads nothing back on the host; the
+    numbers differ between the CPU and CUDA (different generators), not between runs."""
+    g = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + step)
+    total = local_batch * world_size
+    time_ = sample_time(total, config.weighting, config.path_type, generator=g)
+    noise = torch.randn((total, *shape), generator=g, device=device)
+    eps = torch.randn((total, *shape), generator=g, device=device)
+    drop = torch.rand(total, generator=g, device=device) < config.cfg_prob
+    mine = slice(rank, total, world_size)  # a strided view: no index tensor
+    return Draws(time_[mine], noise[mine], eps[mine], drop[mine])
+
+
+class StepOutput(NamedTuple):
+    """Device tensors of one step: mean velocity loss, mean projection loss, gradient norm
+    (before clipping; 0 where DeepSpeed skipped) and ``found_inf`` (1.0 = skipped)."""
+    loss: torch.Tensor
+    proj_loss: torch.Tensor
+    grad_norm: torch.Tensor
+    found_inf: torch.Tensor
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the GPU's queue: pinned memory is
+    copied asynchronously (pageable memory is pinned first; the loaders hand out pinned
+    batches on CUDA so that this is a plain asynchronous copy)."""
+    if tensor.device == device or device.type != "cuda":
+        return tensor.to(device)
+    if tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+@dataclass
+class TrainStep:
+    """Everything one step uses. ``forward`` is what the loss calls (the model, or its DDP /
+    DeepSpeed wrapper, compiled or not); ``model`` is the bare module whose parameters are
+    clipped and averaged."""
+    config: TrainConfig
+    device: torch.device
+    model: nn.Module
+    forward: Callable
+    encoders: list
+    loss_fn: SILoss
+    optimizer: Optional[torch.optim.Optimizer]
+    ema: EMA
+    x_shape: tuple
+    latents_scale: float = 1.0
+    rank: int = 0
+    world_size: int = 1
+    scaler: Optional[torch.amp.GradScaler] = None
+    zero: Any = None   # repa_fast.training.zero.ZeroEngine under DeepSpeed
+    _distributed: bool = field(default=False, init=False)
+
+    def __post_init__(self):
+        if self.scaler is None:
+            self.scaler = torch.amp.GradScaler(
+                self.device.type, enabled=self.config.mixed_precision == "fp16"
+                and self.zero is None)
+        self._distributed = (self.world_size > 1 and torch.distributed.is_available()
+                             and torch.distributed.is_initialized())
+
+    @classmethod
+    def build(cls, config: TrainConfig, model: nn.Module, encoders: list,
+              device: torch.device, x_shape: tuple, latents_scale: float = 1.0,
+              compile: Optional[bool] = None) -> "TrainStep":
+        """A single-process step with a fresh optimizer and EMA (benchmarks, tests);
+        ``compile`` defaults to the config's resolved setting."""
+        optimizer = build_optimizer(config.optimizer, model.parameters(),
+                                    lr=config.learning_rate,
+                                    betas=(config.adam_beta1, config.adam_beta2),
+                                    eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
+        ema = EMA(model, config.ema_decay)
+        ema.update(model, decay=0.0)
+        use_compile = resolve_compile(config, device) if compile is None else compile
+        forward, encoders = compiled(model, encoders, use_compile)
+        return cls(config, device, model, forward, encoders, make_loss(config), optimizer, ema,
+                   x_shape, latents_scale)
+
+    def __call__(self, step: int, images: torch.Tensor, moments: torch.Tensor,
+                 labels: torch.Tensor) -> StepOutput:
+        """Train on one batch (this rank's part of the global batch of ``step``)."""
+        config, device = self.config, self.device
+        images = to_device(images, device)
+        labels = to_device(labels, device)
+        draws = step_draws(config, step, labels.shape[0], self.x_shape, self.rank,
+                           self.world_size, device)
+        with torch.no_grad():
+            x = vae_module.sample_posterior(to_device(moments, device), self.latents_scale,
+                                            noise=draws.eps)
+            with autocast(config, device):
+                zs = [encoder(images) for encoder in self.encoders]
+        model_kwargs = dict(y=labels)
+        if config.cfg_prob > 0:
+            model_kwargs["force_drop_ids"] = draws.drop.to(torch.int64)
+        with autocast(config, device):
+            loss, proj_loss = self.loss_fn(self.forward, x, model_kwargs, zs=zs,
+                                           time=draws.time, noise=draws.noise)
+            loss_mean, proj_mean = loss.mean(), proj_loss.mean()
+            total = loss_mean + config.proj_coeff * proj_mean
+        if self.zero is not None:
+            grad_norm, found_inf = self._deepspeed_update(total)
+        else:
+            grad_norm, found_inf = self._update(total)
+        return StepOutput(loss_mean.detach(), proj_mean.detach(), grad_norm.detach(), found_inf)
+
+    def _update(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        optimizer, scaler = self.optimizer, self.scaler
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   self.config.max_grad_norm)
+        # a non-finite loss or gradient norm skips the step on the device: the fused AdamW
+        # kernel and the EMA read found_inf, nothing waits for the host
+        found_inf = (~(torch.isfinite(total.detach()) & torch.isfinite(grad_norm))).float()
+        if self._distributed:  # every rank skips together
+            torch.distributed.all_reduce(found_inf, torch.distributed.ReduceOp.MAX)
+        skippable_step(optimizer, found_inf)
+        self.ema.update(self.model, found_inf=found_inf)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm, found_inf
+
+    def _deepspeed_update(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # DeepSpeed clips and steps inside engine.step(), which has no skip input for bf16/fp32
+        # (fp16 has its loss scaler): the loss is read on the host before the backward, the
+        # one host synchronisation per step left on this path
+        finite = bool(torch.isfinite(total))
+        grad_norm = torch.zeros((), device=self.device)
+        if finite:
+            grad_norm = self.zero.backward_and_step(total).to(self.device)
+            with self.zero.gathered():
+                self.ema.update(self.zero.module)
+        return grad_norm, torch.tensor(float(not finite), device=self.device)
+
+
+def make_loss(config: TrainConfig) -> SILoss:
+    return SILoss(prediction=config.prediction, path_type=config.path_type,
+                  weighting=config.weighting, fused=config.fused_loss)
+
+
+def resolve_compile(config: TrainConfig, device: torch.device) -> bool:
+    """``--compile`` as given, else on for CUDA and off elsewhere (the CPU compiles with a C++
+    toolchain for tens of seconds and gains little)."""
+    return config.compile if config.compile is not None else device.type == "cuda"
+
+
+def compiled(forward: Callable, encoders: list, enabled: bool) -> tuple[Callable, list]:
+    """``torch.compile`` of the (wrapped) model and of the frozen encoders' forward
+    (inference graphs, no backward) when ``enabled``."""
+    if not enabled:
+        return forward, encoders
+    return torch.compile(forward), [torch.compile(encoder) for encoder in encoders]
