@@ -32,7 +32,8 @@ from typing import Optional
 
 import torch
 
-if __name__ == "__main__" and not __package__:  # run as a file: deepspeed repa_fast/train.py
+# run as a file (deepspeed repa_fast/train.py; DALI reader processes see it as __mp_main__)
+if __name__ in ("__main__", "__mp_main__") and not __package__:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "repa_fast"
 

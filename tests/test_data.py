@@ -249,6 +249,68 @@ def test_dali_and_torch_loaders_agree(prepared, world_size):
         assert (d[0].int() - t[0].int()).abs().max() <= 2  # two JPEG decoders
 
 
+@pytest.mark.skipif(dali_problem() is not None, reason="nvidia-dali not installed")
+def test_dali_reads_files_in_reader_processes_only(prepared):
+    """The parallel external source: no sample file is read by the training process; with
+    num_workers=0 (no reader processes) the same counter sees the reads on the main thread."""
+    from repa_fast.data.samples import read_counts
+    dest, _ = prepared
+    for workers in (1, 0):
+        config = LoaderConfig(str(dest), batch_size=3, seed=2, num_workers=workers,
+                              backend="dali", device="cpu")
+        loader = make_loader(config)
+        before = read_counts()
+        batches = collect(loader, 5)  # crosses an epoch
+        after = read_counts()
+        reads = after["reads"] - before["reads"]
+        main_thread = after["main_thread_reads"] - before["main_thread_reads"]
+        if workers:
+            assert reads == 0 and main_thread == 0
+            assert loader.reader_pids and os.getpid() not in loader.reader_pids
+        else:
+            assert main_thread >= 5 * 3 and loader.reader_pids == {os.getpid()}
+        assert len(batches) == 5 and batches[0][1].shape == (3, 8, RES // 8, RES // 8)
+
+
+@pytest.mark.skipif(dali_problem() is not None, reason="nvidia-dali not installed")
+def test_dali_parallel_reading_same_batches_and_exact_resume(prepared):
+    """Reader processes (2 of them, sample-mode parallel external source) yield the batches
+    of in-process reading: same keys in the same order, same pixels, moments and labels; a
+    parallel loader resumed from a state saved mid-epoch continues with exactly the rest."""
+    dest, _ = prepared
+
+    def config(workers):
+        return LoaderConfig(str(dest), batch_size=3, seed=5, num_workers=workers,
+                            backend="dali", device="cpu", return_keys=True)
+
+    full = collect(make_loader(config(2)), 10)  # 4 batches per epoch: crosses two epochs
+    first = make_loader(config(0))
+    head = collect(first, 6)
+    state = first.state_dict()
+    assert (state["epoch"], state["batch"]) == (1, 2)
+    resumed = make_loader(config(1))
+    resumed.load_state_dict(state)
+    tail = collect(resumed, 4)
+    assert [b[3] for b in head + tail] == [b[3] for b in full]
+    for got, want in zip(head + tail, full):
+        assert all(torch.equal(g, w) for g, w in zip(got[:3], want[:3]))  # same decoder
+    epoch0 = sorted(k for b in full[:4] for k in b[3])
+    assert len(set(epoch0)) == 12
+
+
+@pytest.mark.skipif(dali_problem() is not None or not torch.cuda.is_available(),
+                    reason="needs nvidia-dali and a GPU")
+def test_dali_outputs_on_the_gpu_or_pinned(prepared):
+    dest, _ = prepared
+    loader = make_loader(LoaderConfig(str(dest), batch_size=3, num_workers=1, backend="dali"))
+    images, moments, labels = next(iter(loader))
+    assert images.is_cuda and moments.is_cuda  # nvJPEG output, moments copied by DALI
+    assert not labels.is_cuda and labels.is_pinned()  # host: read without a sync
+    cpu = make_loader(LoaderConfig(str(dest), batch_size=3, num_workers=1, backend="dali",
+                                   device="cpu"))
+    assert all(t.is_pinned() for t in next(iter(cpu)))
+
+
 def test_resume_with_other_settings_is_refused(prepared, image_folder, tiny_vae):
     dest, _ = prepared
     for change, name in ((dict(resolution=64), "resolution"), (dict(shard_size=5), "shard_size"),
@@ -278,9 +340,9 @@ def test_linked_class_folders_are_followed(image_folder, tmp_path):
 
 
 def test_few_open_files_and_tiny_datasets(prepared, monkeypatch):
-    import repa_fast.data.loaders as loaders
+    import repa_fast.data.samples as samples
     dest, _ = prepared
-    monkeypatch.setattr(loaders, "MAX_OPEN", 1)  # every shard switch closes a file
+    monkeypatch.setattr(samples, "MAX_OPEN", 1)  # every shard switch closes a file
     config = LoaderConfig(str(dest), batch_size=4, seed=1, num_workers=0, backend="torch",
                           return_keys=True)
     keys = [k for batch in collect(make_loader(config), 3) for k in batch[3]]

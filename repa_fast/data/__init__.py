@@ -5,10 +5,27 @@
 * :func:`make_loader`: batches ``(images uint8 [B,3,H,W], moments, labels)`` with one sample
   order for both backends, sharded by rank, resumable mid-epoch;
 * :func:`center_crop_dhariwal`: the official crop.
+
+Names are imported on first use: the DALI loader's reader processes import
+:mod:`repa_fast.data.samples` and start faster without the loaders' torch.
 """
-from .crop import center_crop_dhariwal
-from .loaders import LoaderConfig, SampleTable, TorchLoader, DALILoader, epoch_order, make_loader
-from .shards import read_index
+import importlib
+
+_WHERE = {"center_crop_dhariwal": ".crop", "read_index": ".shards", "LoaderConfig": ".loaders",
+          "SampleTable": ".samples", "TorchLoader": ".loaders", "DALILoader": ".loaders",
+          "epoch_order": ".samples", "make_loader": ".loaders"}
 
 __all__ = ["DALILoader", "LoaderConfig", "SampleTable", "TorchLoader", "center_crop_dhariwal",
            "epoch_order", "make_loader", "read_index"]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,7 +1,8 @@
 """Training loaders over prepared shards: NVIDIA DALI (GPU JPEG decoding) or PyTorch.
 
 Both yield ``(images uint8 [B, 3, H, W], moments float32 [B, 2·C, H/8, W/8], labels int64
-[B])`` like the official dataset, and both follow the same sample order, computed here:
+[B])`` like the official dataset, and both follow the same sample order, computed in
+:mod:`repa_fast.data.samples`:
 
     epoch e:  perm = permutation of all N samples drawn from (seed, e)   (identity if not shuffled)
               padded to a multiple of world_size with its own first samples (every sample is
@@ -12,28 +13,36 @@ Both yield ``(images uint8 [B, 3, H, W], moments float32 [B, 2·C, H/8, W/8], la
 The position (epoch, batches consumed) is in :meth:`state_dict`; a loader built with the same
 arguments and given that state continues with exactly the batches the first had not yielded.
 
-DALI: the order is fed through ``fn.external_source`` (encoded bytes read at their byte
-offsets in the shards) into ``fn.decoders.image(device='mixed')`` — nvJPEG on the GPU —, or
-``device='cpu'`` without a GPU. DALI's own ``readers.webdataset`` cannot reproduce a seeded
-global shuffle or resume mid-epoch, which is why the order is not left to it.
+DALI: the order is fed through a parallel ``fn.external_source`` — reader processes
+(``py_start_method="spawn"``: safe next to CUDA) read the encoded bytes at their byte offsets
+in the shards and the moments, so the training process does no file reading —, into
+``fn.decoders.image(device='mixed')`` (nvJPEG on the GPU), or ``device='cpu'`` without a GPU.
+On a GPU the images and moments come out as device tensors and the labels in pinned host
+memory: ``.to(device, non_blocking=True)`` never waits. ``num_workers=0`` reads in the
+training process instead (no reader processes to start). DALI's own ``readers.webdataset``
+cannot reproduce a seeded global shuffle or resume mid-epoch, which is why the order is not
+left to it.
 """
 from __future__ import annotations
 
 import importlib.util
 import io
-import json
-import os
-import tarfile
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .shards import read_index
+from .samples import (DALIBatchSource, SampleTable, batches_per_epoch, decode_latent,
+                      epoch_order, read_counts, scan_tar)
+
+__all__ = ["BACKENDS", "DALILoader", "LoaderConfig", "SampleTable", "TorchLoader", "dali_problem",
+           "decode_latent", "epoch_order", "make_loader", "read_counts", "scan_tar"]
 
 BACKENDS = ("auto", "dali", "torch")
-MAX_OPEN = 32  # open shard files per reader
+MAX_READERS = 4  # DALI reader processes at most: reading is light next to decoding
 
 
 @dataclass
@@ -44,7 +53,8 @@ class LoaderConfig:
     world_size: int = 1
     seed: int = 0
     shuffle: bool = True
-    num_workers: int = 8            # PyTorch: decode processes; DALI: CPU threads
+    num_workers: int = 8            # PyTorch: decode processes; DALI: CPU threads, and
+                                    # min(num_workers, MAX_READERS) reader processes (0: none)
     backend: str = "auto"
     device: Optional[str] = None    # where DALI decodes: "cuda:N" (mixed) or "cpu"; default auto
     return_keys: bool = False       # also yield the batch's sample keys (tests, debugging)
@@ -56,84 +66,6 @@ class LoaderConfig:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}); got {self.rank}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
-
-
-class SampleTable:
-    """Where every sample lives: shard, byte ranges of image and moments, label, key."""
-
-    def __init__(self, data_dir: str):
-        self.data_dir = data_dir
-        self.index = read_index(data_dir)
-        self.shards, rows = [], []
-        for s, shard in enumerate(self.index["shards"]):
-            self.shards.append(shard["name"])
-            for sample in self._samples(shard["name"]):
-                rows.append((s, *sample["image"], *sample["latent"], sample["label"],
-                             int(sample["key"])))
-        if not rows:
-            raise ValueError(f"{data_dir} holds no samples")
-        table = np.array(rows, dtype=np.int64)
-        (self.shard, self.image_offset, self.image_size, self.latent_offset, self.latent_size,
-         self.label, self.key) = table.T
-
-    def _samples(self, name: str) -> list[dict]:
-        meta = os.path.join(self.data_dir, name[:-len(".tar")] + ".json")
-        if os.path.exists(meta):
-            with open(meta) as f:
-                return json.load(f)["samples"]
-        return scan_tar(os.path.join(self.data_dir, name))  # shards made by another tool
-
-    def __len__(self) -> int:
-        return len(self.label)
-
-    def read(self, i: int, handles: dict) -> tuple[bytes, bytes]:
-        """Encoded image and moments bytes of sample ``i``. ``handles`` keeps the most
-        recently used shard files open (at most MAX_OPEN: ImageNet has over a thousand
-        shards, more than the usual limit of open files)."""
-        s = int(self.shard[i])
-        f = handles.pop(s, None)  # re-inserted below: the dict's order is the recency order
-        if f is None:
-            if len(handles) >= MAX_OPEN:
-                handles.pop(next(iter(handles))).close()
-            f = open(os.path.join(self.data_dir, self.shards[s]), "rb")
-        handles[s] = f
-        f.seek(int(self.image_offset[i]))
-        image = f.read(int(self.image_size[i]))
-        f.seek(int(self.latent_offset[i]))
-        return image, f.read(int(self.latent_size[i]))
-
-
-def scan_tar(path: str) -> list[dict]:
-    """Samples of a WebDataset tar written by any tool: byte ranges from its member headers."""
-    samples: dict[str, dict] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            sample = samples.setdefault(key, dict(key=key))
-            where = (member.offset_data, member.size)
-            if ext in ("jpg", "jpeg", "png"):
-                sample["image"], sample["ext"] = where, ext
-            elif ext == "latent.npy":
-                sample["latent"] = where
-            elif ext == "cls":
-                sample["label"] = int(tar.extractfile(member).read())
-    return [s for s in samples.values() if {"image", "latent", "label"} <= s.keys()]
-
-
-def epoch_order(num_samples: int, seed: int, epoch: int, rank: int, world_size: int,
-                shuffle: bool) -> np.ndarray:
-    """Sample indices rank ``rank`` reads in ``epoch`` (see module doc)."""
-    order = (np.random.default_rng([seed, epoch]).permutation(num_samples) if shuffle
-             else np.arange(num_samples))
-    total = -(-num_samples // world_size) * world_size
-    order = np.resize(order, total)  # pads by repeating from the start, however short
-    return order[rank::world_size]
-
-
-def decode_latent(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data))
 
 
 def _batches(table: SampleTable, config: LoaderConfig, epoch: int, batch: int):
@@ -165,7 +97,8 @@ class _Loader:
 
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
-        return -(-len(self.table) // self.config.world_size) // self.config.batch_size
+        return batches_per_epoch(len(self.table), self.config.world_size,
+                                 self.config.batch_size)
 
     def state_dict(self) -> dict:
         c = self.config
@@ -240,7 +173,8 @@ def dali_problem() -> Optional[str]:
 
 
 class DALILoader(_Loader):
-    """DALI: encoded bytes in the planned order -> ``fn.decoders.image`` (nvJPEG on the GPU)."""
+    """DALI: reader processes read encoded bytes and moments in the planned order ->
+    ``fn.decoders.image`` (nvJPEG on the GPU)."""
 
     backend = "dali"
 
@@ -253,65 +187,115 @@ class DALILoader(_Loader):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        # host outputs pinned wherever a GPU may take them: a copy from pageable memory
+        # waits for the copy, and with it for the GPU's queue
+        self.pin = torch.cuda.is_available()
+        self.readers = max(0, min(config.num_workers, MAX_READERS))
+        self.reader_pids: set = set()  # processes that read the samples yielded so far
 
-    def _pipeline(self, feed):
+    def _pipeline(self, source: DALIBatchSource):
         from nvidia.dali import fn, pipeline_def, types
 
         gpu = self.device.type == "cuda"
+        # shared-memory (/dev/shm) slots, one batch each, readers + 3 of them: sized for a
+        # typical batch from the start (DALI enlarges a slot a batch does not fit)
+        hint = int(1.25 * (self.table.image_size + self.table.latent_size).mean()) + 1024
 
         @pipeline_def(batch_size=self.config.batch_size, num_threads=max(1, self.config.num_workers),
                       device_id=self.device.index if gpu else None, prefetch_queue_depth=2,
-                      exec_dynamic=True)
+                      exec_dynamic=True, py_num_workers=self.readers, py_start_method="spawn")
         def pipeline():
+            # every reader makes a whole batch; a batch more than readers is kept under way
+            parallel = dict(parallel=True, prefetch_queue_depth=self.readers + 1,
+                            bytes_per_sample_hint=hint)
             encoded, moments, labels, positions = fn.external_source(
-                source=feed, num_outputs=4, batch=True, dtype=[types.UINT8, types.FLOAT,
-                                                               types.INT64, types.INT64])
+                source=source, num_outputs=4, batch=True, batch_info=True,
+                dtype=[types.UINT8, types.FLOAT, types.INT64, types.INT64],
+                **(parallel if self.readers else {}))
             images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu",
                                        output_type=types.RGB)
             images = fn.transpose(images, perm=[2, 0, 1])  # HWC -> CHW like the official loader
+            if gpu:
+                moments = moments.gpu()  # copied ahead of the step, on DALI's stream
             return images, moments, labels, positions
 
         pipe = pipeline()
-        pipe.build()
+        try:
+            pipe.build()  # starts the reader processes
+        except RuntimeError as error:
+            if self.readers and "initialization failed" in str(error):
+                raise RuntimeError(
+                    "the DALI loader's reader processes did not start. They are spawned, and "
+                    "spawned processes import the main module again: it must be importable "
+                    "on its own (run it with python -m, or guard a script's set-up with "
+                    "if __name__ in ('__main__', '__mp_main__')); the reason is printed "
+                    "above. num_workers=0 reads in this process instead") from error
+            raise
         return pipe
 
     def __iter__(self):
-        plan = _batches(self.table, self.config, self.epoch, self.batch)
-        table, handles = self.table, {}
+        c = self.config
+        if len(self) == 0:
+            raise ValueError(f"batch_size {c.batch_size} is larger than the "
+                             f"{-(-len(self.table) // c.world_size)} samples rank {c.rank} reads "
+                             f"per epoch")
+        table_dir = tempfile.mkdtemp(prefix="repa-fast-loader-") if self.readers else None
+        try:
+            if table_dir:
+                self.table.save(table_dir)
+            pipe = self._pipeline(DALIBatchSource(self.table, c.seed, c.rank, c.world_size,
+                                                  c.shuffle, c.batch_size, self.epoch,
+                                                  self.batch, table_dir=table_dir))
+        finally:  # the readers have loaded it
+            if table_dir:
+                shutil.rmtree(table_dir, ignore_errors=True)
+        gpu = self.device.type == "cuda"
+        try:
+            while True:
+                if gpu:  # outputs ordered on the training stream: no host wait
+                    stream = torch.cuda.current_stream(self.device)
+                    images, moments, labels, positions = pipe.run(stream)
+                else:
+                    stream = None
+                    images, moments, labels, positions = pipe.run()
+                positions = _as_torch(positions)
+                epoch, batch = int(positions[0, 0]), int(positions[0, 1])
+                self._advance(epoch, batch)
+                self.reader_pids.update(positions[:, 3].tolist())
+                out = (_as_torch(images, self.pin, stream), _as_torch(moments, self.pin, stream),
+                       _as_torch(labels, self.pin).reshape(-1))
+                if c.return_keys:
+                    out += ([f"{int(k):08d}" for k in positions[:, 2]],)
+                yield out
+        finally:  # stop the reader processes now, not when the pipeline is collected
+            pool = getattr(pipe, "_py_pool", None)
+            if pool is not None:
+                pool.close()
 
-        def feed():
-            epoch, batch, ids = next(plan)
-            encoded, moments = [], []
-            for i in ids:
-                image, latent = table.read(int(i), handles)
-                encoded.append(np.frombuffer(image, dtype=np.uint8))
-                moments.append(decode_latent(latent))
-            positions = [np.array([epoch, batch, table.key[i]], dtype=np.int64) for i in ids]
-            return (encoded, moments, [np.array(table.label[i], dtype=np.int64) for i in ids],
-                    positions)
 
-        pipe = self._pipeline(feed)
-        while True:
-            images, moments, labels, positions = pipe.run()
-            positions = _as_torch(positions, torch.device("cpu"))
-            epoch, batch = int(positions[0, 0]), int(positions[0, 1])
-            self._advance(epoch, batch)
-            out = (_as_torch(images, self.device), _as_torch(moments, torch.device("cpu")),
-                   _as_torch(labels, torch.device("cpu")).reshape(-1))
-            if self.config.return_keys:
-                out += ([f"{int(k):08d}" for k in positions[:, 2]],)
-            yield out
+def _as_torch(tensors, pin: bool = False, stream=None) -> torch.Tensor:
+    """A dense DALI TensorList as a torch tensor. GPU lists: copied on the device, on
+    ``stream``. CPU lists: one copy into pinned memory when ``pin``, else no copy (the
+    executor hands out buffers it does not reuse while referenced, as DALI's own torch
+    iterator relies on)."""
+    import ctypes
 
-
-def _as_torch(tensors, device: torch.device) -> torch.Tensor:
-    """A dense DALI TensorList as a torch tensor on ``device`` (GPU lists copied on-device)."""
-    if hasattr(tensors, "as_cpu") and device.type == "cuda":
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+    from nvidia.dali.backend import TensorListGPU
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+    shapes = tensors.shape()
+    if any(tuple(s) != tuple(shapes[0]) for s in shapes):
+        raise ValueError(f"samples of different shapes cannot form a batch: {shapes[:4]}...")
+    shape, dtype = (len(shapes), *shapes[0]), to_torch_type[tensors.dtype]
+    if isinstance(tensors, TensorListGPU):
         dense = tensors.as_tensor()
-        out = torch.empty(dense.shape(), dtype=torch.uint8, device=device)
-        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
-        return out
-    return torch.from_numpy(np.array(tensors.as_array()))
+        out = torch.empty(dense.shape(), dtype=dtype,
+                          device=torch.device("cuda", tensors.device_id()))
+        return feed_ndarray(dense, out, cuda_stream=stream)
+    if not pin:
+        return torch.from_dlpack(tensors.as_tensor()).reshape(shape)
+    out = torch.empty(shape, dtype=dtype, pin_memory=True)
+    tensors.copy_to_external(ctypes.c_void_p(out.data_ptr()))  # straight from DALI's samples
+    return out
 
 
 def make_loader(config: LoaderConfig) -> _Loader:
