@@ -1,5 +1,10 @@
 """Ratios of a saved benchmark run: ``python benchmarks/summarize.py RESULTS.json``.
 
+``python benchmarks/summarize.py --merge OUT.json IN.json...`` first joins the runs of several
+pytest invocations (as ``gpu_check.sh`` makes, one per suite) into one JSON: the first file's
+machine and commit information, every file's benchmarks in order; missing inputs are named and
+skipped, and so is a benchmark that a time box's SIGINT cut short (saved without extra_info).
+
 For each (suite, case, mode) with providers: median time, speed-up of every provider over the
 official-style baseline (``official_loop`` / ``official_style``) and over ``torch.compile`` of
 the reference, TFLOP/s, the fraction of the card's bf16 matmul peak, images/s, MFU and peak
@@ -8,6 +13,34 @@ memory where recorded (peak extra memory against the eager reference's).
 import json
 import sys
 from collections import defaultdict
+
+
+def merge(out: str, paths: list) -> int:
+    """Join the pytest-benchmark JSONs ``paths`` into ``out``; returns how many were missing."""
+    merged, missing = None, 0
+    for path in paths:
+        try:
+            data = json.load(open(path))
+        except (OSError, ValueError) as error:
+            print(f"merge: skipped {path}: {error}", file=sys.stderr)
+            missing += 1
+            continue
+        if merged is None:
+            merged = dict(data, benchmarks=[])
+        for bench in data.get("benchmarks", []):
+            # one cut short by the time box's SIGINT is saved with no extra_info: drop it
+            if bench.get("extra_info"):
+                merged["benchmarks"].append(bench)
+            else:
+                print(f"merge: dropped {bench.get('name')} (interrupted, "
+                      f"{bench.get('stats', {}).get('rounds')} round(s))", file=sys.stderr)
+        for key, value in data.get("repa_fast_machine", {}).items():
+            merged.setdefault("repa_fast_machine", {}).setdefault(key, value)
+    if merged is None:
+        merged = {"benchmarks": []}
+    with open(out, "w") as f:
+        json.dump(merged, f, indent=2)
+    return missing
 
 
 def main(path: str) -> None:
@@ -52,4 +85,6 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--merge"]:
+        sys.exit(1 if merge(sys.argv[2], sys.argv[3:]) else 0)
     main(sys.argv[1])

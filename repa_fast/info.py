@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import platform
+import re
 import sys
+from typing import Optional
 
 import torch
 
@@ -28,6 +30,40 @@ OPTIONAL_PACKAGES = [
     ("safetensors", "safetensors"),
 ]
 
+# The lowest versions the package's code needs, from an audit of the torch APIs it calls
+# (README "Requirements"), and the versions it is checked with. torch: custom_op,
+# register_fake/register_autograd, is_autocast_enabled(device)/get_autocast_dtype and the CPU
+# fused AdamW are 2.4; torch.serialization.safe_globals is 2.5; nothing needs more (the new
+# fp32_precision API of 2.9 is read only where the legacy allow_tf32 flag refuses). Triton:
+# the kernels are compiled for sm_90 in CI with 3.6 (the GPU image's) and 3.8 (CI's).
+TORCH_MINIMUM = (2, 5)
+TORCH_CHECKED = "2.14 in CI; 2.11 on the GPU machines via benchmarks/gpu_check.sh"
+TRITON_MINIMUM = (3, 6)
+TRITON_CHECKED = "3.6 and 3.8 (kernels compiled for sm_90 in CI with both)"
+
+
+def _major_minor(version: str) -> Optional[tuple[int, int]]:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def version_status(name: str, version: Optional[str], minimum: tuple[int, int],
+                   checked: str) -> str:
+    """One line: the installed version and whether it meets the minimum this package needs."""
+    need = ".".join(map(str, minimum))
+    if version is None:
+        return f"  {name:<8} not installed (needs >= {need}; checked with {checked})"
+    found = _major_minor(version)
+    verdict = ("ok" if found is not None and found >= minimum
+               else f"TOO OLD or unknown: needs >= {need}")
+    return f"  {name:<8} {version}: {verdict} (needs >= {need}; checked with {checked})"
+
+
+def version_lines() -> list[str]:
+    return ["versions (minimums from the API audit; README \"Requirements\"):",
+            version_status("torch", torch.__version__, TORCH_MINIMUM, TORCH_CHECKED),
+            version_status("triton", import_version("triton"), TRITON_MINIMUM, TRITON_CHECKED)]
+
 
 def report() -> str:
     lines = [f"repa_fast {__version__}",
@@ -39,6 +75,7 @@ def report() -> str:
             lines.append(f"  cuda:{i} {torch.cuda.get_device_name(i)} (sm{cc[0]}{cc[1]})")
     else:
         lines.append("  no CUDA device: everything runs on the CPU")
+    lines += version_lines()
     lines.append("packages:")
     for label, module in OPTIONAL_PACKAGES:
         version = import_version(module)

@@ -1,6 +1,10 @@
 """Shared inputs and the float64 loop the alignment-op tests compare every backend with."""
 import torch
 
+# Where the Triton tests run their kernels: the GPU when there is one (Triton has no CPU
+# backend), else the CPU through Triton's interpreter (tests/conftest.py sets it up).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def loop_loss(h, z, w1, b1, w2, b2, w3, b3, prefix=0):
     """float64, sample by sample and patch by patch, as the formula is written."""
@@ -26,13 +30,16 @@ def loop_loss(h, z, w1, b1, w2, b2, w3, b3, prefix=0):
     return total / count
 
 
-def make_inputs(B, T, T_target, D=48, P=80, Z=40, dtype=torch.float32, target_grad=False):
-    h = torch.randn(B, T, D, dtype=dtype, requires_grad=True)
-    z = torch.randn(B, T_target, Z, dtype=dtype, requires_grad=target_grad)
+def make_inputs(B, T, T_target, D=48, P=80, Z=40, dtype=torch.float32, target_grad=False,
+                device="cpu"):
+    """Hidden states [B, T, D], target [B, T_target, Z] and projector weights, all leaves on
+    ``device`` (drawn on the CPU, so a seed gives the same numbers on every device)."""
+    h = torch.randn(B, T, D, dtype=dtype)
+    z = torch.randn(B, T_target, Z, dtype=dtype)
     ws = [torch.randn(P, D) / D ** 0.5, torch.randn(P) * 0.1, torch.randn(P, P) / P ** 0.5,
           torch.randn(P) * 0.1, torch.randn(Z, P) / P ** 0.5, torch.randn(Z) * 0.1]
-    ws = [w.to(dtype).requires_grad_(True) for w in ws]
-    return h, z, ws
+    ws = [w.to(device, dtype).requires_grad_(True) for w in ws]
+    return h.to(device).requires_grad_(True), z.to(device).requires_grad_(target_grad), ws
 
 
 def cuda_peak_extra_bytes(projector, h, z, backend):
