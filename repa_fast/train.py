@@ -122,7 +122,9 @@ def warm_kernels(config: TrainConfig, model, encoders: list, device: torch.devic
     recorded tiles are installed; then rank 0 tunes what is missing (or loads it from the
     on-disk cache) at the training shapes, one line on stdout, and every rank takes rank 0's
     choices. Nothing is tuned inside the training steps."""
-    from .kernels import autotune
+    autotune = tile_api()
+    if autotune is None:  # no Triton here: nothing to tune (the op runs another backend)
+        return
     if tiles:
         autotune.install_tiles(tiles)
     if not config.fused_loss:
@@ -147,6 +149,15 @@ def warm_kernels(config: TrainConfig, model, encoders: list, device: torch.devic
                 target_dtype=target_dtype)
             print(message, flush=True)
     autotune.broadcast_tiles(src=0)
+
+
+def tile_api():
+    """``repa_fast.kernels.autotune``, or None where Triton is not installed."""
+    try:
+        from .kernels import autotune
+    except ImportError:
+        return None
+    return autotune
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, data_dir: str) -> None:
@@ -299,7 +310,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     tiles = state.get("kernel_tiles") if state is not None else None
     state = None
 
-    from .kernels import autotune
+    autotune = tile_api()
 
     def save(at: int) -> None:
         # every rank's RNG state: each draws its own noise and times
@@ -313,7 +324,8 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
         if dist.main:
             state = dict(model=weights, ema=ema.state_dict(), args=config.to_dict(), steps=at,
                          rng=rngs, loader=loader.state_dict(),
-                         kernel_tiles=autotune.export_tiles(used_only=True),
+                         kernel_tiles=autotune.export_tiles(used_only=True) if autotune
+                         else {},
                          **({} if zero else dict(opt=optimizer.state_dict())))
             save_atomic(state, checkpoint_path(ckpt_dir, at))
             if config.save_safetensors:
