@@ -54,7 +54,8 @@ class HostReads(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+# the Triton kernels on the CPU interpreter under the recorder: about 3 minutes, so slow
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.slow)])
 def test_no_host_read_between_log_steps(tmp_path, monkeypatch, backend):
     steps = 4
     monkeypatch.setenv("REPA_FAST_OPS_BACKEND", backend)
