@@ -8,9 +8,11 @@ For pooled row r (sample b, cell (i, j) of the G×G grid both sides are pooled t
     cos_r = <p_r, z_r> / (max(|p_r|, ε)·max(|z_r|, ε))        loss = −(1/R)·Σ_r cos_r
 
 ``project_cosine_fwd_kernel`` computes a [BLOCK_M, BLOCK_Z] tile of p in registers and writes
-only its per-row partial sums p·z, p·p, z·z (never p itself); ``cosine_finish_kernel`` adds the
-partials of all Z tiles, forms cos_r and the loss, and keeps (cos, |p|, |z|) per row for the
-backward. ``project_cosine_bwd_kernel`` recomputes the tile of p and writes, with
+only its per-row partial sums p·z, p·p, z·z (never p itself); ``cosine_finish_kernel`` runs one
+program per block of rows: it adds the partials of all Z tiles, forms cos_r, keeps
+(cos, |p|, |z|) per row for the backward and writes the block's sum of cos_r; the loss is
+−(1/R)·(sum of the block sums), a fixed-order (bitwise repeatable) two-level sum with no
+serial loop over R. ``project_cosine_bwd_kernel`` recomputes the tile of p and writes, with
 g the loss gradient, c = −g/R, n_p = max(|p|, ε), n_z = max(|z|, ε)::
 
     dp_r = c·(z_r/(n_p·n_z) − [|p_r| > ε]·cos_r·p_r/n_p²)
@@ -22,15 +24,19 @@ import triton
 import triton.language as tl
 
 from .tiles import block_range
-from .tuning import INTERPRETED_TILE, matmul_configs
+from .autotune import autotune
+from .tuning import matmul_configs
 
-# Z (the encoder width, 384-1536) is the N of this GEMM; K is the projector dim.
+# Z (the encoder width, 384-1536) is the N of this GEMM; K is the projector dim. Shared by the
+# forward and the backward, whose epilogue keeps three fp32 tiles (p, z, dp or dz) live, so no
+# config may spill registers on sm_90 in any dtype (tests/kernel_compile_check.py --all; with
+# Triton 3.8: 128x256 w8 spills everywhere, 128x128 w8, 64x128 w4 and 128x64 w4 in the bf16
+# backward, 128x64 w8 and every BLOCK_K = 64 tile in the fp32 backward with a pooled target).
 COSINE_CONFIGS = [
-    (128, 128, 64, 8, 3),
-    (64, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4),
-    (64, 64, 64, 4, 3),
-    (128, 256, 64, 8, 3),
+    (64, 128, 32, 8, 3),
+    (64, 128, 32, 8, 4),
+    (64, 64, 32, 4, 3),
+    (64, 64, 32, 4, 4),
 ]
 EPS = tl.constexpr(1e-12)  # F.normalize's eps
 
@@ -94,8 +100,8 @@ def _target_tile(t_ptr, offs_r, offs_z, mask_r, mask_z, CELLS, POOLED_GRID, GRID
 
 # reset_to_zero: autotuning runs every config into the same buffer; a winner with larger
 # blocks writes fewer slots, so the slots others wrote must be zeroed again afterwards.
-@triton.autotune(configs=matmul_configs(COSINE_CONFIGS, INTERPRETED_TILE),
-                 key=["R_BUCKET", "Z", "K", "POOL", "POOL_T"], reset_to_zero=["part_ptr"])
+@autotune(configs=matmul_configs(COSINE_CONFIGS),
+          key=["R_BUCKET", "Z", "K", "POOL", "POOL_T", "PRECISION"], reset_to_zero=["part_ptr"])
 @triton.jit
 def project_cosine_fwd_kernel(
     s_ptr, w_ptr, b_ptr, t_ptr, part_ptr,
@@ -128,33 +134,31 @@ def project_cosine_fwd_kernel(
 
 
 @triton.jit
-def cosine_finish_kernel(part_ptr, stats_ptr, loss_ptr, R, Z_SLOTS, BLOCK: tl.constexpr):
-    """One program: stats[0|1|2, r] = cos_r, max(|p_r|, ε), max(|z_r|, ε); loss = −mean cos."""
+def cosine_finish_kernel(part_ptr, stats_ptr, block_sum_ptr, R, Z_SLOTS, BLOCK: tl.constexpr):
+    """Program ``pid`` finishes rows ``[pid·BLOCK, (pid + 1)·BLOCK)``: stats[0|1|2, r] = cos_r,
+    max(|p_r|, ε), max(|z_r|, ε), and block_sum[pid] = Σ of its cos_r (loss = −Σ block_sum / R,
+    summed by the host in a fixed order)."""
+    offs, mask = block_range(tl.program_id(0), BLOCK, R)
     plane = Z_SLOTS * R
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK):
-        offs = r0 + tl.arange(0, BLOCK)
-        mask = offs < R
-        pz = tl.zeros((BLOCK,), dtype=tl.float32)
-        pp = tl.zeros((BLOCK,), dtype=tl.float32)
-        zz = tl.zeros((BLOCK,), dtype=tl.float32)
-        for zb in range(0, Z_SLOTS):
-            pz += tl.load(part_ptr + zb * R + offs, mask=mask, other=0.0)
-            pp += tl.load(part_ptr + plane + zb * R + offs, mask=mask, other=0.0)
-            zz += tl.load(part_ptr + 2 * plane + zb * R + offs, mask=mask, other=0.0)
-        norm_p = tl.maximum(tl.sqrt(pp), EPS)
-        norm_z = tl.maximum(tl.sqrt(zz), EPS)
-        cos = pz / (norm_p * norm_z)
-        tl.store(stats_ptr + offs, cos, mask=mask)
-        tl.store(stats_ptr + R + offs, norm_p, mask=mask)
-        tl.store(stats_ptr + 2 * R + offs, norm_z, mask=mask)
-        total += tl.where(mask, cos, 0.0)
-    tl.store(loss_ptr, -tl.sum(total, axis=0) / R)
+    pz = tl.zeros((BLOCK,), dtype=tl.float32)
+    pp = tl.zeros((BLOCK,), dtype=tl.float32)
+    zz = tl.zeros((BLOCK,), dtype=tl.float32)
+    for zb in range(0, Z_SLOTS):
+        pz += tl.load(part_ptr + zb * R + offs, mask=mask, other=0.0)
+        pp += tl.load(part_ptr + plane + zb * R + offs, mask=mask, other=0.0)
+        zz += tl.load(part_ptr + 2 * plane + zb * R + offs, mask=mask, other=0.0)
+    norm_p = tl.maximum(tl.sqrt(pp), EPS)
+    norm_z = tl.maximum(tl.sqrt(zz), EPS)
+    cos = pz / (norm_p * norm_z)
+    tl.store(stats_ptr + offs, cos, mask=mask)
+    tl.store(stats_ptr + R + offs, norm_p, mask=mask)
+    tl.store(stats_ptr + 2 * R + offs, norm_z, mask=mask)
+    tl.store(block_sum_ptr + tl.program_id(0), tl.sum(tl.where(mask, cos, 0.0), axis=0))
 
 
-@triton.autotune(configs=matmul_configs(COSINE_CONFIGS, INTERPRETED_TILE),
-                 key=["R_BUCKET", "Z", "K", "POOL", "POOL_T", "TARGET_GRAD"],
-                 reset_to_zero=["dbias_ptr"])
+@autotune(configs=matmul_configs(COSINE_CONFIGS),
+          key=["R_BUCKET", "Z", "K", "POOL", "POOL_T", "TARGET_GRAD", "PRECISION"],
+          reset_to_zero=["dbias_ptr"])
 @triton.jit
 def project_cosine_bwd_kernel(
     s_ptr, w_ptr, b_ptr, t_ptr, stats_ptr, grad_ptr, dp_ptr, dbias_ptr, dt_ptr,

@@ -3,7 +3,7 @@
 Forward, ``linear_bias_silu_kernel``::
 
     pre = X·Wᵀ + b        (X [M, K], W [N, K] as nn.Linear stores it)
-    act = silu(pre) = pre·σ(pre)
+    act = silu(pre) = pre·σ(pre)    (of pre rounded to the output dtype, as eager PyTorch)
 
 storing ``pre`` and/or ``act``. Backward, ``linear_grad_silu_kernel``::
 
@@ -22,11 +22,12 @@ import triton
 import triton.language as tl
 
 from .tiles import grouped_tile_ids, block_range
-from .tuning import GEMM_CONFIGS, INTERPRETED_TILE, matmul_configs
+from .autotune import autotune
+from .tuning import GEMM_CONFIGS, matmul_configs
 
 
-@triton.autotune(configs=matmul_configs(GEMM_CONFIGS, INTERPRETED_TILE),
-                 key=["M_BUCKET", "N", "K", "STORE_PRE", "STORE_ACT"])
+@autotune(configs=matmul_configs(GEMM_CONFIGS),
+          key=["M_BUCKET", "N", "K", "STORE_PRE", "STORE_ACT", "PRECISION"])
 @triton.jit
 def linear_bias_silu_kernel(
     x_ptr, w_ptr, b_ptr, pre_ptr, act_ptr,
@@ -48,6 +49,9 @@ def linear_bias_silu_kernel(
                     mask=mask_n[None, :] & (kk[:, None] < K), other=0.0)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
     pre = acc + tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    # rounded to the stored dtype first (a no-op in fp32): act = silu(stored pre), as eager
+    # F.silu(F.linear(...)) forms it, so silu of a saved pre is the act the forward used
+    pre = pre.to(pre_ptr.dtype.element_ty).to(tl.float32)
     out = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     mask = mask_m[:, None] & mask_n[None, :]
     if STORE_PRE:
@@ -57,8 +61,8 @@ def linear_bias_silu_kernel(
 
 
 # reset_to_zero: see project_cosine_fwd_kernel (bias-gradient slots of a smaller BLOCK_M).
-@triton.autotune(configs=matmul_configs(GEMM_CONFIGS, INTERPRETED_TILE),
-                 key=["M_BUCKET", "N", "K", "POOL"], reset_to_zero=["dbias_ptr"])
+@autotune(configs=matmul_configs(GEMM_CONFIGS),
+          key=["M_BUCKET", "N", "K", "POOL", "PRECISION"], reset_to_zero=["dbias_ptr"])
 @triton.jit
 def linear_grad_silu_kernel(
     g_ptr, w_ptr, pre_ptr, dpre_ptr, dbias_ptr,

@@ -47,13 +47,16 @@ def matmul_configs(gpu: list[tuple[int, int, int, int, int]], interpreted=None):
                           num_warps=w, num_stages=s) for bm, bn, bk, w, s in gpu]
 
 
-# Large-K GEMMs of the projector (K = hidden size or projector dim, N = projector dim).
+# Large-K GEMMs of the projector (K = hidden size or projector dim, N = projector dim). None may
+# spill registers on sm_90 in bf16, fp16 or fp32, with Triton 3.6 or 3.8
+# (tests/kernel_compile_check.py --all): at most 64 accumulator elements per thread, so 128x256
+# with 8 warps (spilled in fp32, and in bf16 in the backward's epilogue) became 64x256, 128x128
+# with 4 warps was dropped, and 128x64 takes BLOCK_K = 32 (64 spills in fp32 with Triton 3.6).
 GEMM_CONFIGS = [
-    (128, 256, 64, 8, 3),
     (128, 128, 64, 8, 4),
-    (128, 128, 64, 4, 4),
+    (64, 256, 64, 8, 3),
     (64, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4),
+    (128, 64, 32, 4, 4),
     (64, 64, 64, 4, 3),
 ]
 INTERPRETED_TILE = (32, 32, 32)

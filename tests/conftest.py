@@ -1,5 +1,9 @@
-"""Test set-up: Triton's CPU interpreter where no GPU is present, fresh seeds per test."""
+"""Test set-up: Triton's CPU interpreter where no GPU is present, an Inductor cache per
+version of the custom ops, fresh seeds per test."""
+import hashlib
 import os
+import pathlib
+import tempfile
 
 import torch
 
@@ -8,6 +12,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+# Inductor's FX-graph cache does not see edits to a custom op's fake implementation: a warm
+# cache from an older checkout fails with "mismatch in length of strides and shape". One cache
+# directory per content of repa_fast/ops keeps the cache without going stale.
+_OPS = pathlib.Path(__file__).resolve().parents[1] / "repa_fast" / "ops"
+_digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_OPS.glob("*.py"))))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor_repa_fast_{_digest.hexdigest()[:12]}"))
 
 
 @pytest.fixture

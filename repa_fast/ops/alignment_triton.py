@@ -1,27 +1,38 @@
 """Triton backend of the REPA alignment op: host wrappers, torch ops and their autograd.
 
-Forward (three launches of fused kernels, then a one-program finish)::
+Forward (three launches of fused kernels, then the finish over a grid of row blocks)::
 
-    s1 = silu(h·W1ᵀ + b1)          linear_bias_silu_kernel
-    s2 = silu(s1·W2ᵀ + b2)         linear_bias_silu_kernel   (also pre2 when saving)
+    s1 = silu(h·W1ᵀ + b1)          linear_bias_silu_kernel   (also pre1 when saving)
+    pre2, s2 = GEMM2               linear_bias_silu_kernel   (s2 = silu(pre2 rounded to dtype))
     partial sums of p·z, p·p, z·z  project_cosine_fwd_kernel (p = pooled(s2)·W3ᵀ + b3, never stored)
-    loss, (cos, |p|, |z|) per row  cosine_finish_kernel
+    (cos, |p|, |z|) per row        cosine_finish_kernel: one program per FINISH_BLOCK rows, each
+                                   also writing its rows' Σ cos; loss = −(Σ of those)/R (torch)
 
-Backward, with ``recompute=True`` (the default) only the op's inputs and three floats per
-pooled token are kept from the forward; the intermediates are recomputed, in an order that
-holds at most three [M, P] buffers at once::
+Backward, with ``recompute=True`` (the default): the forward keeps the op's inputs, three
+floats per pooled row and pre2 [M, P] (the second pre-activation). The backward runs each GEMM
+once: s2 = silu(pre2) is elementwise and only GEMM1 is recomputed, so its GEMM FLOPs are those
+of ``recompute=False`` plus one GEMM1 (1.13x at SiT-XL: D = 1152, P = 2048, Z = 768; recomputing
+GEMM1 and GEMM2 would be 1.37x). [M, P] buffers alive at each step, counting the saved pre2
+(autograd holds it until the backward returns); the first-layer phase runs in
+``RECOMPUTE_CHUNKS`` = 2 row halves (½ = a half-height buffer)::
 
-    s1 = silu(h·W1ᵀ + b1);  pre2, s2 = GEMM2                      (recompute)
-    dp, dz, db3 = project_cosine_bwd_kernel                        (p recomputed in registers)
-    dW3 = dpᵀ·pooled(s2)                                           drop s2
-    dpre2, db2 = (unpool(dp)·W3) ⊙ silu'(pre2)   linear_grad_silu  drop pre2
-    dW2 = dpre2ᵀ·s1                                                drop s1
-    pre1 = h·W1ᵀ + b1                                              (recompute)
-    dpre1, db1 = (dpre2·W2) ⊙ silu'(pre1)        linear_grad_silu
-    dW1 = dpre1ᵀ·h;  dh = dpre1·W1
+    s2 = silu(pre2)                                          pre2 s2                     2
+    dp, dz, db3 = project_cosine_bwd_kernel   (p recomputed in registers; dp is [R, Z])
+    dW3 = dpᵀ·pooled(s2);  drop s2                           pre2                        1
+    dpre2, db2 = (unpool(dp)·W3) ⊙ silu'(pre2)               pre2 dpre2                  2
+    for each row half c (GEMM1 runs once, over both halves):
+      pre1_c, s1_c = h_c·W1ᵀ + b1, silu     (recompute)    pre2 dpre2 pre1_c s1_c      3
+      dW2 += dpre2_cᵀ·s1_c;  drop s1_c
+      dpre1_c, db1 += (dpre2_c·W2) ⊙ silu'(pre1_c)         pre2 dpre2 pre1_c dpre1_c   3
+      drop pre1_c;  dW1 += dpre1_cᵀ·h_c;  dh_c = dpre1_c·W1;  drop dpre1_c             2
 
-``recompute=False`` keeps pre1, s1, pre2, s2 from the forward instead (faster, the memory of
-eager PyTorch). Weight gradients and dh are plain GEMMs and go to cuBLAS (``torch.mm``).
+so at most three [M, P] buffers are alive (plus dh [M, D] and the [R, Z] dp). The halves'
+weight gradients are summed by ``addmm_`` (the first half's product is rounded to the compute
+dtype once before the second is added). The forward holds at most s1, pre2 and s2.
+
+``recompute=False`` keeps pre1, s1, pre2, s2 from the forward instead (one pass, no GEMM
+recomputed, the memory of eager PyTorch). Weight gradients and dh are plain GEMMs and go to
+cuBLAS (``torch.mm``).
 
 The forward and backward are ``torch.library.custom_op`` s with fake implementations, so
 ``torch.compile(fullgraph=True)`` traces them as single nodes without graph breaks.
@@ -41,7 +52,10 @@ from ..kernels.tuning import GEMM_CONFIGS, INTERPRET, m_bucket, min_block
 from .alignment_reference import avg_pool_tokens, check_call, pool_ratio
 from .backends import _triton_problem, compute_dtype
 
-FINISH_BLOCK = 128 if INTERPRET else 1024
+# rows per program of the finish kernel (its grid: cdiv(R, FINISH_BLOCK) programs)
+FINISH_BLOCK = 64 if INTERPRET else 256
+# row chunks of the recompute backward's first-layer phase (GEMM1 recomputed once, by chunks)
+RECOMPUTE_CHUNKS = 2
 _EMPTY = (0,)
 
 
@@ -137,7 +151,8 @@ def project_cosine_forward(s2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor,
     z_slots = triton.cdiv(z, min_block(COSINE_CONFIGS, 1))
     part = torch.zeros((3, z_slots, r), device=s2.device, dtype=torch.float32)
     stats = torch.empty((3, r), device=s2.device, dtype=torch.float32)
-    loss = torch.empty((), device=s2.device, dtype=torch.float32)
+    block_sums = torch.empty((triton.cdiv(r, FINISH_BLOCK),), device=s2.device,
+                             dtype=torch.float32)
 
     def grid(meta):
         return (triton.cdiv(r, meta["BLOCK_M"]), triton.cdiv(z, meta["BLOCK_N"]))
@@ -149,8 +164,10 @@ def project_cosine_forward(s2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor,
             s2.stride(0), s2.stride(1), w3.stride(0), w3.stride(1),
             target.stride(0), target.stride(1), target.stride(2),
             POOL=geo.pool, POOL_T=geo.pool_t, PRECISION=_precision(s2))
-        cosine_finish_kernel[(1,)](part, stats, loss, r, z_slots, BLOCK=FINISH_BLOCK)
-    return loss, stats
+        cosine_finish_kernel[(block_sums.numel(),)](part, stats, block_sums, r, z_slots,
+                                                    BLOCK=FINISH_BLOCK)
+    # the second level of the sum: a fixed-order reduction of cdiv(R, FINISH_BLOCK) floats
+    return -(block_sums.sum() / r), stats
 
 
 def project_cosine_backward(grad: torch.Tensor, s2: torch.Tensor, w3: torch.Tensor,
@@ -190,11 +207,12 @@ def alignment_loss_fwd(hidden: torch.Tensor, target: torch.Tensor, w1: torch.Ten
                        save_intermediates: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                   torch.Tensor, torch.Tensor]:
-    """``(loss, stats, pre1, s1, pre2, s2)``; the last four are empty unless saving them."""
+    """``(loss, stats, pre1, s1, pre2, s2)``: pre2 always (the recompute backward needs it, so
+    that GEMM2 never runs again); pre1, s1 and s2 are empty unless saving them."""
     geo = _Geometry(hidden, target, hidden_grid, target_grid, prefix)
     h = hidden.reshape(geo.m, hidden.shape[2])
     pre1, s1 = linear_bias_silu(h, w1, b1, store_pre=save_intermediates, store_act=True)
-    pre2, s2 = linear_bias_silu(s1, w2, b2, store_pre=save_intermediates, store_act=True)
+    pre2, s2 = linear_bias_silu(s1, w2, b2, store_pre=True, store_act=True)
     loss, stats = project_cosine_forward(s2, w3, b3, target, geo)
     if not save_intermediates:
         s1, s2 = hidden.new_empty(_EMPTY), hidden.new_empty(_EMPTY)
@@ -205,10 +223,12 @@ def alignment_loss_fwd(hidden: torch.Tensor, target: torch.Tensor, w1: torch.Ten
 def _(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid, target_grid, prefix,
       save_intermediates):
     geo = _Geometry(hidden, target, hidden_grid, target_grid, prefix)
-    inter = (geo.m, w1.shape[0]) if save_intermediates else _EMPTY
+    full = (geo.m, w1.shape[0])
+    inter = full if save_intermediates else _EMPTY
     return (hidden.new_empty((), dtype=torch.float32),
             hidden.new_empty((3, geo.rows), dtype=torch.float32),
-            *(hidden.new_empty(inter) for _ in range(4)))
+            hidden.new_empty(inter), hidden.new_empty(inter), hidden.new_empty(full),
+            hidden.new_empty(inter))
 
 
 @torch.library.custom_op("repa_fast::alignment_loss_bwd", mutates_args=())
@@ -222,9 +242,8 @@ def alignment_loss_bwd(grad: torch.Tensor, hidden: torch.Tensor, target: torch.T
     geo = _Geometry(hidden, target, hidden_grid, target_grid, prefix)
     h = hidden.reshape(geo.m, hidden.shape[2])
     saved = s2.numel() > 0
-    if not saved:
-        _, s1 = linear_bias_silu(h, w1, b1, store_pre=False, store_act=True)
-        pre2, s2 = linear_bias_silu(s1, w2, b2, store_pre=True, store_act=True)
+    if not saved:  # recompute: s2 from the saved pre2, elementwise (as the forward formed it)
+        s2 = torch.nn.functional.silu(pre2)
     dp, db3, dt = project_cosine_backward(grad, s2, w3, b3, target, stats, geo, target_grad)
     pooled = s2 if geo.pool == 1 else avg_pool_tokens(
         s2.view(geo.batch, geo.tokens, -1), geo.grid, geo.pool).reshape(geo.rows, -1)
@@ -232,16 +251,46 @@ def alignment_loss_bwd(grad: torch.Tensor, hidden: torch.Tensor, target: torch.T
     del s2, pooled
     dpre2, db2 = linear_grad_silu(dp, w3, pre2, geo)
     del pre2, dp
-    dw2 = dpre2.t().mm(s1)
-    del s1
-    if not saved:
-        pre1, _ = linear_bias_silu(h, w1, b1, store_pre=True, store_act=False)
-    dpre1, db1 = linear_grad_silu(dpre2, w2, pre1, None)
-    del pre1, dpre2
-    dw1 = dpre1.t().mm(h)
-    dh = dpre1.mm(w1).view(hidden.shape)
-    return [dh, dt, dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype),
-            dw3.to(w3.dtype), db3.to(b3.dtype)]
+    dh, dw1, db1, dw2 = _first_layers_backward(h, w1, b1, w2, dpre2, pre1, s1, saved)
+    return [dh.view(hidden.shape), dt, dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype),
+            db2.to(b2.dtype), dw3.to(w3.dtype), db3.to(b3.dtype)]
+
+
+def _first_layers_backward(h, w1, b1, w2, dpre2, pre1, s1, saved: bool):
+    """``(dh, dW1, db1, dW2)`` from dpre2: dW2 = dpre2ᵀ·s1, dpre1 = (dpre2·W2) ⊙ silu'(pre1),
+    dW1 = dpre1ᵀ·h, dh = dpre1·W1.
+
+    Saved intermediates: one pass. Recompute: GEMM1 runs once, in ``RECOMPUTE_CHUNKS`` row
+    chunks, each storing pre1 and s1 of its rows only, so that with the saved pre2 and dpre2
+    at most three [M, P] buffers' worth is alive (module docstring). The chunks' weight
+    gradients are summed by ``addmm_``; dh rows are independent.
+    """
+    m = h.shape[0]
+    step = m if saved else triton.cdiv(m, RECOMPUTE_CHUNKS)
+    dh = h.new_empty(h.shape)
+    dw1 = dw2 = None
+    db1 = torch.zeros(w1.shape[0], device=h.device, dtype=torch.float32)
+    for start in range(0, m, step):
+        rows = slice(start, min(start + step, m))
+        if saved:
+            pre1_rows, s1_rows = pre1[rows], s1[rows]
+        else:
+            pre1_rows, s1_rows = linear_bias_silu(h[rows], w1, b1, store_pre=True,
+                                                  store_act=True)
+        dw2 = _mm_sum(dw2, dpre2[rows].t(), s1_rows)
+        del s1_rows
+        dpre1, db1_rows = linear_grad_silu(dpre2[rows], w2, pre1_rows, None)
+        del pre1_rows
+        dw1 = _mm_sum(dw1, dpre1.t(), h[rows])
+        torch.mm(dpre1, w1, out=dh[rows])
+        db1 += db1_rows
+        del dpre1
+    return dh, dw1, db1, dw2
+
+
+def _mm_sum(total: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a·b``, added to ``total`` (in place) when given."""
+    return a.mm(b) if total is None else total.addmm_(a, b)
 
 
 @alignment_loss_bwd.register_fake
