@@ -2,8 +2,15 @@
 import datetime
 import os
 import platform
+import signal
 
 import torch
+
+# benchmarks/gpu_check.sh time-boxes each step with SIGINT so that pytest stops and still
+# writes its JSON and XML; a job started in the background without job control inherits
+# SIGINT ignored, and Python then installs no KeyboardInterrupt handler: restore it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

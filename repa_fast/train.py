@@ -42,7 +42,8 @@ from .training.checkpoint import (checkpoint_path, list_checkpoints, prune, reso
 from .training.config import TrainConfig, parse_args, save_config
 from .training.ema import EMA
 from .training.optim import build_optimizer
-from .training.step import TrainStep, compiled, make_loss, resolve_compile
+from .training.step import (TrainStep, compiled, draw_device_name, make_loss,
+                            resolve_compile)
 from .training.metrics import (MetricsLog, Reporter, flops_per_image, peak_tflops,
                                truncate_after)
 
@@ -126,7 +127,12 @@ def warm_kernels(config: TrainConfig, model, encoders: list, device: torch.devic
     if autotune is None:  # no Triton here: nothing to tune (the op runs another backend)
         return
     if tiles:
-        autotune.install_tiles(tiles)
+        try:
+            autotune.install_tiles(tiles)
+        except ValueError as error:  # e.g. written by a version with other kernels
+            warnings.warn(f"--resume: the checkpoint's kernel_tiles cannot be used ({error}); "
+                          f"tiles are chosen anew, so this run may launch other tiles than the "
+                          f"run it continues (results equal up to rounding)")
     if not config.fused_loss:
         return
     from .ops.alignment import resolved_backend
@@ -142,7 +148,13 @@ def warm_kernels(config: TrainConfig, model, encoders: list, device: torch.devic
         tokens = model.x_embedder.num_patches
         for projector, encoder in zip(model.projectors, encoders):
             encoder = getattr(encoder, "_orig_mod", encoder)
-            target_dtype = next(encoder.parameters()).dtype
+            # the features' dtype as the step sees it: under autocast an encoder ending in a
+            # LayerNorm (DINOv2) returns fp32 whatever its weights' dtype, and the kernels'
+            # tiles are keyed by it
+            with torch.no_grad(), autocast(config, device):
+                image = torch.zeros(1, 3, encoder.resolution, encoder.resolution,
+                                    dtype=torch.uint8, device=device)
+                target_dtype = encoder(image).dtype
             message = warm_alignment_op(
                 projector, (local_batch, tokens, model.hidden_size),
                 (local_batch, encoder.grid ** 2, encoder.embed_dim), dtype, device,
@@ -308,6 +320,11 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
                              f"has {dist.world_size}; exact resume needs the same number")
         set_rng_state(rngs[dist.rank])
     tiles = state.get("kernel_tiles") if state is not None else None
+    if state is not None and state.get("draw_device", draw_device_name(device)) != \
+            draw_device_name(device):
+        warnings.warn(f"--resume: {resume} was trained on {state['draw_device']}, this run is "
+                      f"on {draw_device_name(device)}: the random draws (noise, times) follow "
+                      f"the device, so the losses will not repeat the uninterrupted run's")
     state = None
 
     autotune = tile_api()
@@ -325,7 +342,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
             state = dict(model=weights, ema=ema.state_dict(), args=config.to_dict(), steps=at,
                          rng=rngs, loader=loader.state_dict(),
                          kernel_tiles=autotune.export_tiles(used_only=True) if autotune
-                         else {},
+                         else {}, draw_device=draw_device_name(device),
                          **({} if zero else dict(opt=optimizer.state_dict())))
             save_atomic(state, checkpoint_path(ckpt_dir, at))
             if config.save_safetensors:

@@ -3,6 +3,7 @@ version of the custom ops, fresh seeds per test."""
 import hashlib
 import os
 import pathlib
+import signal
 import tempfile
 
 import torch
@@ -12,6 +13,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+# benchmarks/gpu_check.sh time-boxes each step with SIGINT so that pytest stops and still
+# writes its JSON and XML; a job started in the background without job control inherits
+# SIGINT ignored, and Python then installs no KeyboardInterrupt handler: restore it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Inductor's FX-graph cache does not see edits to a custom op's fake implementation: a warm
 # cache from an older checkout fails with "mismatch in length of strides and shape". One cache

@@ -40,7 +40,9 @@ triton.knobs.compilation.always_compile = True
 SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 REGISTERS = re.compile(r"Used (\d+) registers")
 
-# kernel -> (pointer dtypes, constexpr variants); "c" is the compute dtype
+# kernel -> (pointer dtypes, constexpr variants); "c" is the compute dtype. A variant's
+# TARGET (not a constexpr) gives the target features' dtype where it differs: under bf16
+# autocast, encoders ending in a LayerNorm (DINOv2, the default) hand the op fp32 features.
 KERNELS = {
     "linear_bias_silu": (linear_silu.linear_bias_silu_kernel,
                          dict(x_ptr="c", w_ptr="c", b_ptr="c", pre_ptr="c", act_ptr="c"),
@@ -52,13 +54,14 @@ KERNELS = {
     "project_cosine_fwd": (cosine.project_cosine_fwd_kernel,
                            dict(s_ptr="c", w_ptr="c", b_ptr="c", t_ptr="c", part_ptr="fp32"),
                            [dict(POOL=1, POOL_T=1), dict(POOL=2, POOL_T=1),
-                            dict(POOL=1, POOL_T=2)]),
+                            dict(POOL=1, POOL_T=2), dict(POOL=1, POOL_T=1, TARGET="fp32")]),
     "project_cosine_bwd": (cosine.project_cosine_bwd_kernel,
                            dict(s_ptr="c", w_ptr="c", b_ptr="c", t_ptr="c", stats_ptr="fp32",
                                 grad_ptr="fp32", dp_ptr="c", dbias_ptr="fp32", dt_ptr="c"),
                            [dict(POOL=1, POOL_T=1, TARGET_GRAD=True),
                             dict(POOL=2, POOL_T=1, TARGET_GRAD=False),
-                            dict(POOL=1, POOL_T=3, TARGET_GRAD=True)]),
+                            dict(POOL=1, POOL_T=3, TARGET_GRAD=True),
+                            dict(POOL=1, POOL_T=1, TARGET_GRAD=False, TARGET="fp32")]),
 }
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -120,6 +123,10 @@ class Spills(Exception):
 def check(kernel, variant, config, dtype):
     """Compile one config; returns its register count, raises if it spills or cannot run."""
     autotuned, pointers, _ = KERNELS[kernel]
+    variant = dict(variant)
+    target = variant.pop("TARGET", None)
+    if target:
+        pointers = {**pointers, **{k: target for k in ("t_ptr", "dt_ptr") if k in pointers}}
     config = dict(config)
     warps, stages = config.pop("num_warps"), config.pop("num_stages")
     precision = "ieee" if dtype == torch.float32 else "tf32"

@@ -28,8 +28,8 @@ def run_check(*args):
 # "<kernel> <dtype> <variant> <config>: ok: <R> registers, <S> bytes spilled"
 RESULT = re.compile(r"^(\w+) (bf16|fp16|fp32) (\{.*?\}) (\{.*\}): (ok|FAILED[^:]*|too large"
                     r"[^:]*)(?:: (\d+) registers, (\d+) bytes spilled)?")
-VARIANTS = {"linear_bias_silu": 3, "linear_grad_silu": 2, "project_cosine_fwd": 3,
-            "project_cosine_bwd": 3}
+VARIANTS = {"linear_bias_silu": 3, "linear_grad_silu": 2, "project_cosine_fwd": 4,
+            "project_cosine_bwd": 4}
 
 
 def parse(out):

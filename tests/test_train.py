@@ -290,3 +290,16 @@ save_atomic({{"steps": 2}}, {str(tmp_path / "0000002.pt")!r})
     save_atomic({"steps": 2}, str(tmp_path / "0000002.pt"))
     assert list_checkpoints(str(tmp_path)) == [1, 2]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_on_another_device_kind_warns_that_draws_differ(tmp_path):
+    assert main(demo_args(tmp_path, "--max-train-steps", "1", "--checkpointing-steps", "1",
+                          "--report-to", "none")) == 0
+    path = tmp_path / "demo" / "checkpoints" / "0000001.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["draw_device"] == "cpu"
+    state["draw_device"] = "NVIDIA H200"
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match="trained on NVIDIA H200, this run is on cpu"):
+        assert main(demo_args(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "1",
+                              "--report-to", "none", "--resume", "auto")) == 0

@@ -112,3 +112,22 @@ def test_draws_do_not_depend_on_the_process_count_or_a_restart():
     assert not torch.equal(whole.noise, other.noise)
     assert whole.time.shape == (6, 1, 1, 1) and whole.drop.dtype == torch.bool
 
+
+
+def test_compile_defaults_on_for_cuda_only_and_stays_opt_in_under_deepspeed():
+    from repa_fast.training.step import resolve_compile
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_compile(parse_args([]), cuda) is True
+    assert resolve_compile(parse_args([]), cpu) is False
+    assert resolve_compile(parse_args(["--no-compile"]), cuda) is False
+    assert resolve_compile(parse_args(["--compile"]), cpu) is True
+    assert resolve_compile(parse_args(["--ds_config", "x.json"]), cuda) is False
+    assert resolve_compile(parse_args(["--ds_config", "x.json", "--compile"]), cuda) is True
+
+
+def test_unusable_checkpoint_tiles_warn_and_are_chosen_anew():
+    from repa_fast.train import Distributed, warm_kernels
+    config = parse_args(["--preset", "demo", "--no-fused-loss"])
+    with pytest.warns(UserWarning, match="kernel_tiles cannot be used"):
+        warm_kernels(config, None, [], torch.device("cpu"), 4, Distributed(),
+                     tiles={"no_such_kernel|M_BUCKET=64": {"BLOCK_M": 32}})

@@ -43,8 +43,11 @@ def step_draws(config: TrainConfig, step: int, local_batch: int, shape: tuple, r
     number of processes (rank r holds samples r, r + W, r + 2W, ... as the loader's order gives
     them), and a resumed run draws exactly what the uninterrupted one did.
 
-    Seeding a device generator and drawing on the device reads nothing back on the host; the
-    numbers differ between the CPU and CUDA (different generators), not between runs."""
+    Seeding a device generator and drawing on the device reads nothing back on the host. The
+    numbers depend on the device kind: the CPU's generator differs from CUDA's, and CUDA's
+    Philox offsets follow the launch grid, which follows the card's SM count, so a run resumed
+    on another GPU model draws other numbers (the checkpoint records the device: ``--resume``
+    warns then)."""
     g = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + step)
     total = local_batch * world_size
     time_ = sample_time(total, config.weighting, config.path_type, generator=g)
@@ -62,6 +65,11 @@ class StepOutput(NamedTuple):
     proj_loss: torch.Tensor
     grad_norm: torch.Tensor
     found_inf: torch.Tensor
+
+
+def draw_device_name(device: torch.device) -> str:
+    """What the random draws depend on: the GPU model, or ``cpu``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def autocast(config: TrainConfig, device: torch.device):
@@ -190,8 +198,12 @@ def make_loss(config: TrainConfig) -> SILoss:
 
 def resolve_compile(config: TrainConfig, device: torch.device) -> bool:
     """``--compile`` as given, else on for CUDA and off elsewhere (the CPU compiles with a C++
-    toolchain for tens of seconds and gains little)."""
-    return config.compile if config.compile is not None else device.type == "cuda"
+    toolchain for tens of seconds and gains little). Under DeepSpeed it stays opt-in: the
+    compiled object would be the ``DeepSpeedEngine``, whose ZeRO-3 parameter hooks
+    ``torch.compile`` does not trace reliably."""
+    if config.compile is not None:
+        return config.compile
+    return device.type == "cuda" and not config.ds_config
 
 
 def compiled(forward: Callable, encoders: list, enabled: bool) -> tuple[Callable, list]:
