@@ -54,10 +54,11 @@ class HostReads(TorchDispatchMode):
         return out
 
 
-# the Triton kernels on the CPU interpreter under the recorder: about 3 minutes, so slow
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.slow)])
-def test_no_host_read_between_log_steps(tmp_path, monkeypatch, backend):
-    steps = 4
+# the Triton kernels on the CPU interpreter under the recorder: minutes, so slow, and with
+# two steps (step 1, what follows it and step 2's body are checked; step 2 logs)
+@pytest.mark.parametrize("backend, steps", [
+    ("reference", 4), pytest.param("triton", 2, marks=pytest.mark.slow)])
+def test_no_host_read_between_log_steps(tmp_path, monkeypatch, backend, steps):
     monkeypatch.setenv("REPA_FAST_OPS_BACKEND", backend)
     config = parse_args(["--preset", "demo", "--output-dir", str(tmp_path), "--batch-size", "4",
                          "--max-train-steps", str(steps), "--log-every", str(steps),
@@ -95,7 +96,7 @@ def test_the_recorder_sees_a_hidden_sync(tmp_path, monkeypatch):
 
     monkeypatch.setattr(TrainStep, "_update", reading)
     with pytest.raises(AssertionError, match="host reads inside the training steps"):
-        test_no_host_read_between_log_steps(tmp_path, monkeypatch, "reference")
+        test_no_host_read_between_log_steps(tmp_path, monkeypatch, "reference", 3)
 
 
 def test_draws_do_not_depend_on_the_process_count_or_a_restart():
