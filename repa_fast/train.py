@@ -41,9 +41,8 @@ from .training.checkpoint import (checkpoint_path, list_checkpoints, prune, reso
                                   rng_state, save_atomic, save_safetensors, set_rng_state)
 from .training.config import TrainConfig, parse_args, save_config
 from .training.ema import EMA
-from .training.optim import build_optimizer
-from .training.step import (TrainStep, compiled, draw_device_name, make_loss,
-                            resolve_compile)
+from .training.step import (TrainStep, autocast, autocast_dtype, compiled, draw_device_name,
+                            make_loss, make_optimizer, resolve_compile)
 from .training.metrics import (MetricsLog, Reporter, flops_per_image, peak_tflops,
                                truncate_after)
 
@@ -136,11 +135,7 @@ def warm_kernels(config: TrainConfig, model, encoders: list, device: torch.devic
     if not config.fused_loss:
         return
     from .ops.alignment import resolved_backend
-    from .training.step import autocast
-    with autocast(config, device):
-        probe = torch.empty(0, device=device)
-        from .ops.backends import compute_dtype
-        dtype = compute_dtype(probe)
+    dtype = autocast_dtype(config) or torch.float32  # the GEMMs' dtype (fp32 hidden states)
     if resolved_backend(device, dtype) != "triton":
         return
     if dist.main:
@@ -264,9 +259,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
         ema.load_state_dict(state["ema"])
     else:
         ema.update(model, decay=0.0)
-    optimizer = build_optimizer(config.optimizer, model.parameters(), lr=config.learning_rate,
-                                betas=(config.adam_beta1, config.adam_beta2),
-                                eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
+    optimizer = make_optimizer(config, model.parameters())
     zero = None
     ds_dir = os.path.join(ckpt_dir, "deepspeed")
     if config.ds_config:
@@ -320,11 +313,11 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
                              f"has {dist.world_size}; exact resume needs the same number")
         set_rng_state(rngs[dist.rank])
     tiles = state.get("kernel_tiles") if state is not None else None
-    if state is not None and state.get("draw_device", draw_device_name(device)) != \
-            draw_device_name(device):
+    here = draw_device_name(device)
+    if state is not None and state.get("draw_device", here) != here:
         warnings.warn(f"--resume: {resume} was trained on {state['draw_device']}, this run is "
-                      f"on {draw_device_name(device)}: the random draws (noise, times) follow "
-                      f"the device, so the losses will not repeat the uninterrupted run's")
+                      f"on {here}: the random draws (noise, times) follow the device, so the "
+                      f"losses will not repeat the uninterrupted run's")
     state = None
 
     autotune = tile_api()

@@ -72,9 +72,21 @@ def draw_device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+def autocast_dtype(config: TrainConfig) -> Optional[torch.dtype]:
+    """The autocast dtype of ``--mixed-precision`` (None: autocast off, fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+
+
 def autocast(config: TrainConfig, device: torch.device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+    dtype = autocast_dtype(config)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def make_optimizer(config: TrainConfig, params) -> Optional[torch.optim.Optimizer]:
+    """``--optimizer`` with the ``--learning-rate`` / ``--adam-*`` flags."""
+    return build_optimizer(config.optimizer, params, lr=config.learning_rate,
+                           betas=(config.adam_beta1, config.adam_beta2),
+                           eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -123,10 +135,7 @@ class TrainStep:
               compile: Optional[bool] = None) -> "TrainStep":
         """A single-process step with a fresh optimizer and EMA (benchmarks, tests);
         ``compile`` defaults to the config's resolved setting."""
-        optimizer = build_optimizer(config.optimizer, model.parameters(),
-                                    lr=config.learning_rate,
-                                    betas=(config.adam_beta1, config.adam_beta2),
-                                    eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
+        optimizer = make_optimizer(config, model.parameters())
         ema = EMA(model, config.ema_decay)
         ema.update(model, decay=0.0)
         use_compile = resolve_compile(config, device) if compile is None else compile
