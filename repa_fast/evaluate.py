@@ -44,7 +44,7 @@ import sys
 from typing import Optional
 
 from .atomic_write import atomic_open
-from .evaluation.errors import EvaluationInputError
+from .errors import run_cli
 from .evaluation.inception import DEFAULT_WEIGHTS, WEIGHTS_ENV
 from .evaluation.metrics import DISTANCE_DTYPES, FID_METHODS
 from .evaluation.pipeline import compute_metrics, format_summary
@@ -97,15 +97,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args.quiet:
             print(message, file=sys.stderr, flush=True)
 
-    try:
-        result = compute_metrics(
-            args.samples, args.ref, weights=args.inception_weights, device=args.device,
-            batch_size=args.batch_size, num_samples=args.num_samples,
-            exact_count=args.exact_count, fid_method=args.fid_method,
-            pr_distance_dtype=args.pr_distance_dtype, cache=args.cache, log=log)
-    except EvaluationInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _evaluate(args, log))
+
+
+def _evaluate(args, log) -> int:
+    result = compute_metrics(
+        args.samples, args.ref, weights=args.inception_weights, device=args.device,
+        batch_size=args.batch_size, num_samples=args.num_samples,
+        exact_count=args.exact_count, fid_method=args.fid_method,
+        pr_distance_dtype=args.pr_distance_dtype, cache=args.cache, log=log)
     text = json.dumps(result, indent=2)
     summary = format_summary(result)
     if args.out is None:

@@ -10,7 +10,7 @@ The official ``generate.py``'s flags and defaults, plus ``--weights``, ``--vae P
 Sample ``i`` is drawn from its own random stream (``repa_fast.generation.seeding``), so the
 samples do not depend on the number of processes, and a restarted run regenerates only the
 batches with missing PNGs, writes only those PNGs and ends with the same ``.npz``. Bad inputs
-exit with code 2.
+exit with code 2, refusals of the machine (disk full, permissions) with 1 (repa_fast.errors).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: deepspeed repa_
     __package__ = "repa_fast"
 
 from .attention import CHOICES as ATTN_BACKENDS
+from .errors import run_cli
 from .generation.errors import UsageError
 from .generation.loading import ModelSpec, load_checkpoint
 from .generation.output import (check_settings, existing_indices, make_grid, png_path,
@@ -419,15 +420,16 @@ def run(args: argparse.Namespace, procs: Processes) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)  # argparse itself exits with 2 on malformed flags
+    return run_cli(lambda: _generate(args))
+
+
+def _generate(args) -> int:
     procs = None
     try:
         check_args(args)
         procs = Processes()
         with torch.no_grad():
             run(args, procs)
-    except UsageError as error:  # anything else is a bug or an I/O failure: its traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     finally:
         if procs is not None:
             procs.close()

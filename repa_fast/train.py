@@ -37,6 +37,7 @@ if __name__ in ("__main__", "__mp_main__") and not __package__:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "repa_fast"
 
+from .errors import USAGE_AND_VALUE, UsageError, report
 from .training.checkpoint import (checkpoint_path, list_checkpoints, prune, resolve_resume,
                                   rng_state, save_atomic, save_safetensors, set_rng_state)
 from .training.config import TrainConfig, parse_args, save_config
@@ -179,6 +180,92 @@ def check_labels(labels: torch.Tensor, num_classes: int, data_dir: str) -> None:
                          f"in [{low}, {high}]")
 
 
+RUN_FILES = ("checkpoints", "metrics.jsonl", "samples", "tensorboard", "wandb_run_id")
+
+
+def claim_run_dir(config: TrainConfig, run_dir: str, main: bool) -> None:
+    """A run without ``--resume`` starts in a folder that holds no other run: checkpoints or a
+    log of another run would mix with its own (and a later ``--resume auto`` would load a
+    stale checkpoint). ``--overwrite`` deletes that run's files first (rank 0)."""
+    if config.resume is not None:
+        return
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    found = []
+    if list_checkpoints(ckpt_dir):
+        found.append(f"checkpoints {list_checkpoints(ckpt_dir)}")
+    log = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(log) and os.path.getsize(log):
+        found.append("metrics.jsonl")
+    if not found:
+        return
+    if not config.overwrite:
+        raise UsageError(f"--output-dir/--exp-name: {run_dir} already holds a run "
+                         f"({', '.join(found)}); continue it with --resume auto, choose another "
+                         f"--exp-name, or pass --overwrite to delete it and start over")
+    if main:
+        import shutil
+        for name in RUN_FILES:
+            path = os.path.join(run_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        print(f"--overwrite: deleted the previous run's {', '.join(found)} (and samples, "
+              f"dashboards) in {run_dir}", flush=True)
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT or SIGTERM after saving (``saved``: the checkpoint step, or
+    None when the latest steps were skipped and nothing was saved). ``python -m
+    repa_fast.train`` exits with 128 + the signal number: 130 (SIGINT), 143 (SIGTERM)."""
+
+    def __init__(self, signum: int, step: int, saved: Optional[int], message: str):
+        super().__init__(message)
+        self.signum, self.step, self.saved = signum, step, saved
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopRequest:
+    """SIGINT and SIGTERM ask the loop to save and stop at the end of the current step; a
+    second one aborts at once (KeyboardInterrupt) without saving. With several processes the
+    request is agreed on at log steps (every rank must save the same step)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous = {}
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}): "
+                                    f"stopped without saving")
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving at the end of this step, then stopping "
+              f"(send it again to stop at once without saving)", file=sys.stderr, flush=True)
+
+    def agreed(self, world_size: int, device: torch.device) -> Optional[int]:
+        """The signal every rank acts on: this process's, or with several processes the
+        largest any rank received (collective: call on every rank at the same step)."""
+        if world_size == 1:
+            return self.signum
+        flag = torch.tensor([self.signum or 0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag) or None
+
+
 @torch.no_grad()
 def sample_grid(ema_model, noise: torch.Tensor, labels: torch.Tensor, latents_scale: float,
                 vae, path: str) -> torch.Tensor:
@@ -214,6 +301,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     device = dist.device
     run_dir = os.path.join(config.output_dir, config.exp_name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
+    claim_run_dir(config, run_dir, dist.main)
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -252,11 +340,16 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     model = build_model(config, in_channels, input_size, [e.embed_dim for e in encoders])
     model = model.to(device).train()
     ema = EMA(model, config.ema_decay)
-    resume = resolve_resume(config.resume, ckpt_dir)
-    state = torch.load(resume, map_location="cpu", weights_only=True) if resume else None
+    resume, state = resolve_resume(config.resume, ckpt_dir)
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
+        try:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+        except RuntimeError as error:  # another --model, --encoder-depth, --projector-dim...
+            raise UsageError(f"--resume {resume}: its weights do not fit this run's model "
+                             f"(--model {config.model}; the checkpoint was trained with "
+                             f"--model {state['args'].get('model')}): "
+                             f"{str(error).splitlines()[0]}") from None
     else:
         ema.update(model, decay=0.0)
     optimizer = make_optimizer(config, model.parameters())
@@ -295,7 +388,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
         os.makedirs(ckpt_dir, exist_ok=True)
         save_config(config, os.path.join(run_dir, "config.json"))
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if dist.main and resume:
+    if dist.main:  # records past the starting step belong to an abandoned run
         truncate_after(metrics_path, step)
     log = MetricsLog(metrics_path if dist.main else None)
     reporter = Reporter(config.report_to, run_dir, enabled=dist.main, config=config.to_dict(),
@@ -313,6 +406,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
                              f"has {dist.world_size}; exact resume needs the same number")
         set_rng_state(rngs[dist.rank])
     tiles = state.get("kernel_tiles") if state is not None else None
+    skipped_total = int(state.get("skipped_steps", 0)) if state is not None else 0
     here = draw_device_name(device)
     if state is not None and state.get("draw_device", here) != here:
         warnings.warn(f"--resume: {resume} was trained on {state['draw_device']}, this run is "
@@ -336,6 +430,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
                          rng=rngs, loader=loader.state_dict(),
                          kernel_tiles=autotune.export_tiles(used_only=True) if autotune
                          else {}, draw_device=draw_device_name(device),
+                         skipped_steps=skipped_total,
                          **({} if zero else dict(opt=optimizer.state_dict())))
             save_atomic(state, checkpoint_path(ckpt_dir, at))
             if config.save_safetensors:
@@ -343,12 +438,6 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
             prune(ckpt_dir, config.keep_last)
         dist.barrier()
 
-    stop = {"signal": None}
-
-    def on_sigterm(signum, frame):
-        stop["signal"] = signum
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
     warm_kernels(config, model, encoders, device, config.batch_size // dist.world_size, dist,
                  tiles)
     train_step = TrainStep(config, device, model, forward, encoders, make_loss(config),
@@ -365,19 +454,57 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     # the current and the longest run of consecutive skipped steps
     sums, counts = torch.zeros(3, device=device), torch.zeros(2, device=device)
     skip_run, worst_run = torch.zeros((), device=device), torch.zeros((), device=device)
-    logged, skipped_total = {}, 0
+    worst_start = torch.zeros((), device=device)  # first step of the longest skipped run
+    logged, pending_save = {}, False
     window_start, window_images, data_wait = time.perf_counter(), 0, 0.0
 
     def check_nonfinite() -> None:
         worst = int(worst_run)
         if worst >= config.max_nonfinite_steps:
+            first = int(worst_start)
+            before = [s for s in list_checkpoints(ckpt_dir) if s < first]
+            where = (f"The last checkpoint saved before it is {checkpoint_path(ckpt_dir, before[-1])}"
+                     f": lower --learning-rate or check the data, then --resume {before[-1]}"
+                     if before else "No checkpoint was saved before it: lower --learning-rate "
+                     "or check the data and start again (--overwrite)")
             raise FloatingPointError(
                 f"{worst} steps in a row had a non-finite loss or gradient (checked at step "
-                f"{step}); stopping. The last good checkpoint is in {ckpt_dir} (steps "
-                f"{list_checkpoints(ckpt_dir)}); lower --learning-rate or check the data, "
-                f"then --resume auto")
+                f"{step}; the first skipped step was {first}); stopping. {where}")
+
+    def save_if_good() -> bool:
+        """Save this step unless its latest steps were skipped: their weights may already be
+        huge but finite (what made the losses overflow); the save waits for a good step."""
+        nonlocal pending_save
+        check_nonfinite()  # never save past the stop condition
+        run = int(skip_run)
+        if run:
+            if not pending_save:
+                bar.write(f"step {step}: checkpoint postponed: the last {run} step(s) were "
+                          f"skipped (non-finite loss or gradient); it is saved at the next "
+                          f"good step")
+            pending_save = True
+            return False
+        save(step)
+        pending_save = False
+        return True
+
+    def finish(at: int) -> None:
+        """What the last step owes, also for a run resumed after it was killed past its last
+        checkpoint: the final sample grid and the safetensors copies, when missing."""
+        if not dist.main:
+            return
+        path = os.path.join(run_dir, "samples", f"{at:07d}.png")
+        if not os.path.exists(path):
+            grid = sample_grid(ema.model, grid_noise, grid_labels, latents_scale, vae, path)
+            reporter.image("samples/ema", grid, at)
+        stem, saved = os.path.join(ckpt_dir, f"{at:07d}"), checkpoint_path(ckpt_dir, at)
+        if config.save_safetensors and os.path.exists(saved) and \
+                not all(os.path.exists(f"{stem}-{k}.safetensors") for k in ("model", "ema")):
+            # from the file: under ZeRO-3 this rank alone does not hold the full weights
+            save_safetensors(torch.load(saved, map_location="cpu", weights_only=True), stem)
 
     batches = iter(loader)
+    stop = StopRequest().__enter__()
     try:
         while step < config.max_train_steps:
             t0 = time.perf_counter()
@@ -394,6 +521,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
             sums += torch.where(bad, torch.zeros_like(values), values)
             counts += torch.stack([1 - found_inf, found_inf])
             skip_run = (skip_run + 1) * found_inf
+            worst_start = torch.where(skip_run > worst_run, step + 1 - skip_run, worst_start)
             worst_run = torch.maximum(worst_run, skip_run)
             bar.update(1)
             if step % config.log_every == 0 or step == config.max_train_steps:
@@ -426,43 +554,70 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
                 bar.set_postfix(postfix)
                 window_start, window_images, data_wait = time.perf_counter(), 0, 0.0
                 check_nonfinite()
-            if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
-                check_nonfinite()  # never save past the stop condition
-                save(step)
+            if (pending_save or step % config.checkpointing_steps == 0
+                    or step == config.max_train_steps):
+                save_if_good()
             if dist.main and (step % config.sampling_steps == 0 or step == config.max_train_steps):
                 grid = sample_grid(ema.model, grid_noise, grid_labels, latents_scale, vae,
                                    os.path.join(run_dir, "samples", f"{step:07d}.png"))
                 reporter.image("samples/ema", grid, step)
-            if stop["signal"] is not None:
-                if list_checkpoints(ckpt_dir)[-1:] != [step]:
-                    save(step)
-                bar.write(f"signal {stop['signal']}: saved step {step} and stopped")
-                break
+            signum = None
+            if step < config.max_train_steps and (dist.world_size == 1
+                                                  or step % config.log_every == 0):
+                signum = stop.agreed(dist.world_size, device)  # collective with several ranks
+            if signum is not None:
+                done = list_checkpoints(ckpt_dir)[-1:] == [step]
+                saved = step if done or save_if_good() else None
+                name = signal.Signals(signum).name
+                text = (f"{name}: saved step {step} and stopped" if saved is not None else
+                        f"{name}: stopped at step {step} without saving (the latest steps were "
+                        f"skipped); checkpoints: {list_checkpoints(ckpt_dir)}")
+                bar.write(text)
+                raise Interrupted(signum, step, saved, text)
+        if step >= config.max_train_steps:
+            finish(step)
     finally:
+        stop.__exit__()
         bar.close()
         log.close()
         reporter.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     return logged
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 2 a flag or input file that cannot work, 1 the machine refused
+    (disk full, permissions), 3 too many non-finite steps in a row, 130/143 stopped by
+    SIGINT/SIGTERM (after saving). ``REPA_FAST_DEBUG=1`` adds the traceback to errors."""
+    config = None
     try:
         config = parse_args(argv)
         dist = Distributed()
         config.check(dist.world_size)
         logged = train(config, dist)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except FloatingPointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
-    if logged and int(os.environ.get("RANK", 0)) == 0:
+    except Interrupted as stopped:
+        return stopped.exit_code
+    except KeyboardInterrupt as error:
+        print(f"interrupted: {error or 'stopped before training started'}; nothing saved",
+              file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 -- usage and environment errors; bugs re-raise
+        code = report(error, usage=USAGE_AND_VALUE)
+        if code is None:
+            raise
+        return code
+    if int(os.environ.get("RANK", 0)) == 0:
         run = os.path.join(config.output_dir, config.exp_name)
-        print(f"done: step {logged['step']}, loss {logged['loss']:.4f}, proj_loss "
-              f"{logged['proj_loss']:.4f}; checkpoints, samples and metrics.jsonl in {run}")
+        if logged:
+            losses = ("" if logged["loss"] is None else
+                      f", loss {logged['loss']:.4f}, proj_loss {logged['proj_loss']:.4f}")
+            print(f"done: step {logged['step']}{losses}; checkpoints, samples and "
+                  f"metrics.jsonl in {run}")
+        else:
+            print(f"done: nothing left to train (step {config.max_train_steps} reached; raise "
+                  f"--max-train-steps to go on); checkpoints, samples and metrics.jsonl in {run}")
     return 0
 
 

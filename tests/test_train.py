@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from repa_fast.train import main, train
-from repa_fast.training.checkpoint import list_checkpoints, save_atomic
+from repa_fast.training.checkpoint import checkpoint_problem, list_checkpoints, save_atomic
 from repa_fast.training.config import TrainConfig, parse_args
 
 pytest.importorskip("tqdm")
@@ -127,10 +127,11 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_atomic({"steps": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"steps": 1}
-    assert os.listdir(tmp_path) == ["0000001.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["0000001.pt", "0000001.pt.sha256.json"]
+    assert checkpoint_problem(path) is None
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_and_exits_143(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.Popen([sys.executable, "-m", "repa_fast.train",
                              *demo_args(tmp_path, "--max-train-steps", "100000",
@@ -142,7 +143,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 128 + signal.SIGTERM, out
     steps = list_checkpoints(str(tmp_path / "demo" / "checkpoints"))
     assert len(steps) == 1 and steps[0] >= 2
     assert f"saved step {steps[0]} and stopped" in out
@@ -299,7 +300,7 @@ def test_resume_on_another_device_kind_warns_that_draws_differ(tmp_path):
     state = torch.load(path, weights_only=True)
     assert state["draw_device"] == "cpu"
     state["draw_device"] = "NVIDIA H200"
-    torch.save(state, path)
+    save_atomic(state, str(path))  # with its checksum record: an edited file must be re-saved
     with pytest.warns(UserWarning, match="trained on NVIDIA H200, this run is on cpu"):
         assert main(demo_args(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "1",
                               "--report-to", "none", "--resume", "auto")) == 0

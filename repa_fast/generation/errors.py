@@ -1,6 +1,5 @@
-"""The error type of bad generation inputs (``python -m repa_fast.generate`` exits with code 2)."""
+"""The error type of bad generation inputs (``python -m repa_fast.generate`` exits with code 2):
+the package-wide :class:`repa_fast.errors.UsageError`."""
+from ..errors import UsageError
 
-
-class UsageError(ValueError):
-    """A flag or a checkpoint that cannot work; the message names the flag, what is expected
-    and what was given."""
+__all__ = ["UsageError"]

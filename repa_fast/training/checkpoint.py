@@ -4,27 +4,118 @@
 loads — ``model``, ``ema``, ``args`` (a plain dict, so ``torch.load(weights_only=True)``
 works), ``steps`` — plus ``opt``, ``rng`` and ``loader`` so a resumed run continues exactly.
 Each file is written to ``.tmp``, flushed to disk and renamed: a crash during a save leaves the
-previous checkpoints as they were. ``--save-safetensors`` also writes ``NNNNNNN-model.safetensors``
+previous checkpoints as they were. Beside each, ``NNNNNNN.pt.sha256.json`` records its size and
+SHA-256 (hashed while writing); ``--resume auto`` checks them (which catches truncated files and
+flipped bytes that ``torch.load`` would accept) and falls back to the newest good checkpoint,
+saying which one it passed over and why. ``--save-safetensors`` also writes ``NNNNNNN-model.safetensors``
 and ``NNNNNNN-ema.safetensors`` (weights only, ``args`` and ``steps`` in the metadata) for tools
 that should not unpickle; ``python -m repa_fast.training.export CKPT.pt`` converts a saved file.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import warnings
 from typing import Optional
 
 import torch
 
-from ..atomic_write import atomic_open, atomic_path
+from ..atomic_write import atomic_path, publish, temporary_name, write_json_atomic
+from ..errors import UsageError
 
 _NAME = re.compile(r"^(\d{7})\.pt$")
+CHECKSUM_SUFFIX = ".sha256.json"
+# what a checkpoint of this package holds beyond the official model/ema/args/steps
+RESUME_KEYS = ("model", "ema", "args", "steps", "rng", "loader")
+
+
+class _HashingWriter:
+    """A binary file that hashes what goes through it and keeps the ``OSError`` a write
+    raised (torch wraps it in a ``RuntimeError`` that says ``unexpected pos``)."""
+
+    def __init__(self, file):
+        self.file, self.hash, self.size, self.error = file, hashlib.sha256(), 0, None
+
+    def write(self, data) -> int:
+        try:
+            written = self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+        self.hash.update(data)
+        self.size += len(data)
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def checksum_path(path: str) -> str:
+    """Where the size and SHA-256 of checkpoint ``path`` are recorded at save time."""
+    return path + CHECKSUM_SUFFIX
 
 
 def save_atomic(obj, path: str) -> None:
-    """Write ``obj`` to ``path`` so that ``path`` is either the old file or the complete new one."""
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+    """Write ``obj`` to ``path`` so that ``path`` is either the old file or the complete new
+    one, with its size and SHA-256 beside it (:func:`checksum_path`, hashed while writing).
+
+    Order: the old checksum goes, the checkpoint is published, then its checksum is written;
+    a crash between leaves a complete checkpoint without a checksum (checked by loading it),
+    never a checksum that belongs to another file. A failed write raises an ``OSError``
+    naming ``path`` and the cause (``No space left on device``)."""
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            writer = _HashingWriter(f)
+            try:
+                torch.save(obj, writer)
+            except (OSError, RuntimeError) as error:
+                cause = writer.error or (error if isinstance(error, OSError) else None)
+                if cause is None:
+                    raise
+                raise OSError(cause.errno, cause.strerror, path) from error
+        record = {"bytes": writer.size, "sha256": writer.hash.hexdigest()}
+        if os.path.exists(checksum_path(path)):
+            os.remove(checksum_path(path))
+        publish(tmp, path)
+        write_json_atomic(checksum_path(path), record)
+    except OSError as error:
+        if error.filename in (tmp, None):
+            raise OSError(error.errno, error.strerror, path) from error
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not the file that was saved (size or SHA-256 differ from its
+    checksum record), or None. A checkpoint without a record (written before records
+    existed, or a crash right after publishing it) gives None: loading it is the check."""
+    if not os.path.isfile(path):
+        return "no such file"
+    record_path = checksum_path(path)
+    if not os.path.exists(record_path):
+        return None
+    try:
+        with open(record_path) as f:
+            record = json.load(f)
+        expected_size, expected_hash = int(record["bytes"]), str(record["sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its checksum record {record_path} is unreadable ({error})"
+    size = os.path.getsize(path)
+    if size != expected_size:
+        return f"it has {size} bytes, {expected_size} were written (truncated or overwritten)"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected_hash:
+        return f"its SHA-256 differs from the one recorded at save time in {record_path} " \
+               f"(damaged bytes)"
+    return None
 
 
 def save_safetensors(state: dict, stem: str) -> list[str]:
@@ -65,6 +156,8 @@ def prune(directory: str, keep_last: Optional[int]) -> None:
     import shutil
     for step in list_checkpoints(directory)[:-keep_last]:
         os.remove(checkpoint_path(directory, step))
+        if os.path.exists(checksum_path(checkpoint_path(directory, step))):
+            os.remove(checksum_path(checkpoint_path(directory, step)))
         for key in ("model", "ema"):  # --save-safetensors copies
             path = os.path.join(directory, f"{step:07d}-{key}.safetensors")
             if os.path.exists(path):
@@ -72,21 +165,61 @@ def prune(directory: str, keep_last: Optional[int]) -> None:
         shutil.rmtree(os.path.join(directory, "deepspeed", f"{step:07d}"), ignore_errors=True)
 
 
-def resolve_resume(resume: Optional[str], directory: str) -> Optional[str]:
-    """``--resume``: ``auto`` (the newest here, or start fresh), a step, or a file path."""
+def load_checkpoint(path: str, flag: str = "--resume") -> dict:
+    """The training state in ``path``, verified against its checksum record, loaded with
+    ``weights_only=True`` and checked to hold what a resume needs; a :class:`UsageError`
+    naming ``flag``, the file and what is wrong otherwise."""
+    problem = checkpoint_problem(path)
+    state = None
+    if problem is None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 -- zip, unpickling and tensor errors alike
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            problem = f"it cannot be read as a checkpoint ({type(error).__name__}: {first})"
+    if problem is None:
+        missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            problem = (f"it is not a repa_fast training checkpoint (no {', '.join(missing)}; "
+                       f"a weights-only file such as an official REPA checkpoint cannot "
+                       f"resume training)")
+    if problem is not None:
+        raise UsageError(f"{flag} {path}: {problem}")
+    return state
+
+
+def resolve_resume(resume: Optional[str], directory: str) -> tuple[Optional[str], Optional[dict]]:
+    """``--resume``: ``auto`` (the newest good checkpoint here, or start fresh), a step, or a
+    file path; returns ``(path, state)``, ``(None, None)`` for a fresh start.
+
+    ``auto`` verifies each checkpoint newest first (:func:`load_checkpoint`) and takes the
+    first good one, warning about every damaged one it passes; when all are damaged it raises
+    instead of silently starting over. An explicit step or path must be good."""
     if resume is None:
-        return None
+        return None, None
     if resume == "auto":
-        steps = list_checkpoints(directory)
-        return checkpoint_path(directory, steps[-1]) if steps else None
-    if resume.isdigit():
-        path = checkpoint_path(directory, int(resume))
-    else:
-        path = resume
+        damaged = []
+        for step in reversed(list_checkpoints(directory)):
+            path = checkpoint_path(directory, step)
+            try:
+                state = load_checkpoint(path, "--resume auto:")
+            except UsageError as error:
+                damaged.append((path, str(error).split(f"{path}: ", 1)[-1]))
+                continue
+            for bad, why in damaged:
+                warnings.warn(f"--resume auto: skipping {bad}: {why}; resuming from the "
+                              f"previous good checkpoint, {path}")
+            return path, state
+        if damaged:
+            raise UsageError("--resume auto: every checkpoint in " + directory + " is damaged: "
+                             + "; ".join(f"{p}: {why}" for p, why in damaged)
+                             + ". Delete them (or move them away) to start over")
+        return None, None
+    path = checkpoint_path(directory, int(resume)) if resume.isdigit() else resume
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume {resume}: no checkpoint at {path} (have steps "
-                                f"{list_checkpoints(directory)} in {directory})")
-    return path
+        raise UsageError(f"--resume {resume}: no checkpoint at {path} (have steps "
+                         f"{list_checkpoints(directory)} in {directory})")
+    return path, load_checkpoint(path)
 
 
 def rng_state() -> dict:

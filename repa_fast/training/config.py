@@ -24,6 +24,7 @@ class TrainConfig:
     data_dir: str = "data/imagenet256"
     seed: int = 0
     resume: Optional[str] = None          # auto | STEP | PATH
+    overwrite: bool = False               # start over in a folder that holds a run (deletes it)
     preset: Optional[str] = None
     # model (official names and defaults)
     model: str = "SiT-XL/2"
@@ -104,6 +105,9 @@ class TrainConfig:
         if self.optimizer == "deepspeed" and not self.ds_config:
             raise ValueError("--optimizer deepspeed builds DeepSpeed's optimizer from the "
                              "--ds_config file; pass --ds_config (or use --optimizer adamw)")
+        if self.overwrite and self.resume is not None:
+            raise ValueError(f"--overwrite deletes the run that --resume {self.resume} would "
+                             f"continue; give one of them")
         if not 0 <= self.cfg_prob < 1:
             raise ValueError(f"--cfg-prob must be in [0, 1); got {self.cfg_prob}")
 

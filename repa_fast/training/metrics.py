@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -38,7 +39,8 @@ def peak_tflops(device: torch.device) -> Optional[float]:
 
 
 class MetricsLog:
-    """One JSON object per logged step in ``metrics.jsonl`` (appended; survives resumes)."""
+    """One JSON object per logged step in ``metrics.jsonl``, appended; a run first cuts the
+    log back to the step it starts from (:func:`truncate_after`), so records never mix."""
 
     def __init__(self, path: Optional[str]):
         self.file = open(path, "a") if path else None
@@ -54,11 +56,24 @@ class MetricsLog:
 
 
 def truncate_after(path: str, step: int) -> None:
-    """Drop records past ``step`` (a resumed run rewrites them)."""
+    """Drop records past ``step``: a run that starts at ``step`` (0 for a fresh start) writes
+    them anew. A line that is not a JSON record (a torn write, a stray edit) is dropped with a
+    warning naming the file and line, so it can never block a resume."""
     if not os.path.exists(path):
         return
+    keep = []
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                warnings.warn(f"{path}:{number}: not a metrics record, dropped: "
+                              f"{line.strip()[:80]!r}")
+                continue
+            if record_step <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
     with atomic_open(path, "w") as f:  # a crash here must not lose the log
         f.writelines(keep)
 
