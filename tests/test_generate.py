@@ -396,3 +396,14 @@ def test_deepspeed_launcher_writes_the_same_npz_as_one_process(ckpts, tmp_path):
     rc, single = generate(ckpts["ours"], tmp_path / "one", *FAST)
     assert rc == 0
     assert np.array_equal(launch_two("deepspeed", ckpts["ours"], tmp_path / "two"), single)
+
+
+def test_a_truncated_training_checkpoint_is_named(ckpts, tmp_path, capsys):
+    from repa_fast.training.checkpoint import save_atomic
+    path = tmp_path / "0000010.pt"
+    save_atomic(torch.load(ckpts["ours"], weights_only=True), str(path))
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    rc, _ = generate(str(path), tmp_path / "samples")
+    assert rc == 2
+    assert f"--ckpt {path}: it has" in capsys.readouterr().err

@@ -234,7 +234,12 @@ def build_model(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor],
 def _read(path: str):
     """The checkpoint, memory-mapped when its format allows: only the tensors used (one set of
     weights) are read, not the optimizer state of a training checkpoint, and processes on one
-    machine share the pages. Old (non-zip) torch files are read whole."""
+    machine share the pages. Old (non-zip) torch files are read whole. A training checkpoint's
+    size is checked against its record (hashing it would read it all)."""
+    from ..training.checkpoint import checkpoint_problem
+    problem = checkpoint_problem(path, verify_hash=False)
+    if problem is not None:
+        raise UsageError(f"--ckpt {path}: {problem}")
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
