@@ -168,16 +168,27 @@ def tile_api():
     return autotune
 
 
+def check_label_range(num_classes: int, data_dir: str) -> None:
+    """The data set's labels (its recorded range) fit in [0, num_classes), before training."""
+    from .data import label_range
+    found = label_range(data_dir)
+    if found is not None and not 0 <= found[0] <= found[1] < num_classes:
+        raise UsageError(f"--num-classes {num_classes}: the data set in {data_dir} holds labels "
+                         f"in [{found[0]}, {found[1]}]; pass --num-classes {found[1] + 1}")
+
+
 def check_labels(labels: torch.Tensor, num_classes: int, data_dir: str) -> None:
     """Labels in [0, num_classes), checked on host batches with numpy (no torch op, so nothing
-    is ever read back from a GPU); batches already on a device are the loader's to check."""
+    is ever read back from a GPU); batches already on a device are the loader's to check.
+    The safety net for data sets whose index records no label range."""
     if labels.device.type != "cpu" or not labels.numel():
         return
     values = labels.numpy()
     low, high = int(values.min()), int(values.max())
     if not 0 <= low <= high < num_classes:
-        raise ValueError(f"--num-classes {num_classes}: the data set in {data_dir} holds labels "
-                         f"in [{low}, {high}]")
+        raise UsageError(f"--num-classes {num_classes}: a batch of the data set in {data_dir} "
+                         f"holds labels in [{low}, {high}] (its index.json records no label "
+                         f"range)")
 
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "samples", "tensorboard", "wandb_run_id")
@@ -328,7 +339,9 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     loader = make_loader(LoaderConfig(
         data_dir, batch_size=config.batch_size // dist.world_size, rank=dist.rank,
         world_size=dist.world_size, seed=config.seed, num_workers=config.num_workers,
-        backend=config.data_backend))
+        backend=config.data_backend, on_bad_sample=config.on_bad_sample,
+        verify_shards=config.verify_shards))
+    check_label_range(config.num_classes, data_dir)
 
     # models
     torch.manual_seed(config.seed)  # identical initial weights on every rank
@@ -538,6 +551,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
                 logged = dict(step=step, loss=means[0], proj_loss=means[1],
                               grad_norm=means[2], images_per_sec=ips,
                               data_wait_frac=data_wait / elapsed, skipped_steps=skipped_total,
+                              skipped_samples=loader.skipped_samples,
                               lr=config.learning_rate)
                 if peak:
                     logged["mfu"] = ips * flops / dist.world_size / (peak * 1e12)

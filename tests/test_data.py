@@ -320,12 +320,16 @@ def test_resume_with_other_settings_is_refused(prepared, image_folder, tiny_vae)
         config.update(change)
         with pytest.raises(ValueError, match=f"other settings .*{name}"):
             prepare(PrepareConfig(**config), progress=False)
-    (dest / ".prepare.lock").write_text("123")
+    import subprocess
+    holder = subprocess.Popen(["sleep", "60"])  # a live process named by the lock
+    (dest / ".prepare.lock").write_text(str(holder.pid))
     try:
-        with pytest.raises(ValueError, match="another prepare run is writing"):
+        with pytest.raises(ValueError, match=f"another prepare run is writing.*pid {holder.pid}"):
             prepare(PrepareConfig(source=str(image_folder), dest=str(dest), resolution=RES,
                                   vae=tiny_vae, shard_size=4, workers=0), progress=False)
     finally:
+        holder.kill()
+        holder.wait()
         os.remove(dest / ".prepare.lock")
 
 

@@ -224,3 +224,66 @@ def test_a_signal_to_the_process_group_saves_and_exits(tmp_path, signum, backend
     assert f"{signal.Signals(signum).name}: saved step {steps[0]} and stopped" in out
     load_checkpoint(checkpoint_path(str(tmp_path / "demo" / "checkpoints"), steps[0]))
     assert steps_logged(tmp_path)[-1] == steps[0]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_run_saves_one_agreed_step(tmp_path):
+    """torchrun, DDP on gloo: every process receives SIGTERM (the group), the ranks agree on
+    the step at the next log step and save it together (a rank saving alone would hang)."""
+    from test_train_deepspeed import free_port
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = demo_args(tmp_path, "--max-train-steps", "100000", "--checkpointing-steps", "100000",
+                     "--num-workers", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                             "2", "--master_port", str(free_port()), "-m", "repa_fast.train",
+                             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    metrics = tmp_path / "demo" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    ckpt_dir = str(tmp_path / "demo" / "checkpoints")
+    steps = list_checkpoints(ckpt_dir)
+    assert len(steps) == 1 and steps[0] >= 2, out[-3000:]
+    assert f"SIGTERM: saved step {steps[0]} and stopped" in out, out[-3000:]
+    assert len(load_checkpoint(checkpoint_path(ckpt_dir, steps[0]))["rng"]) == 2
+
+
+# --- damaged data ---------------------------------------------------------------------------
+
+def damaged_demo_data(out) -> tuple[str, str]:
+    """The demo data set with one byte flipped inside the PNG of the first sample training
+    reads (seed 0); returns its shard and key."""
+    from repa_fast.data import SampleTable, epoch_order
+    from repa_fast.data.demo import make_demo_dataset
+    data = make_demo_dataset(str(out / "demo-data"), size=32)
+    table = SampleTable(data)
+    first = int(epoch_order(len(table), 0, 0, 0, 1, True)[0])
+    shard, key = table.shards[int(table.shard[first])], table.key_text(first)
+    with open(os.path.join(data, shard), "r+b") as f:
+        f.seek(int(table.image_offset[first]) + int(table.image_size[first]) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return shard, key
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_damaged_data_stops_naming_the_shard_or_is_skipped_and_counted(tmp_path, capsys, verify):
+    shard, key = damaged_demo_data(tmp_path)
+    flags = [] if verify else ["--no-verify-shards"]
+    assert main(demo_args(tmp_path, *flags)) == 2
+    err = capsys.readouterr().err
+    assert shard in err and "Traceback" not in err
+    if not verify:  # found by the PNG's own checksum, sample by sample
+        assert f"sample {key}" in err
+    with pytest.warns(UserWarning, match=shard):
+        assert main(demo_args(tmp_path, *flags, "--on-bad-sample", "skip", "--overwrite")) == 0
+    with open(tmp_path / "demo" / "metrics.jsonl") as f:
+        skipped = [json.loads(line)["skipped_samples"] for line in f]
+    assert skipped[-1] >= 1 and skipped == sorted(skipped)
+    if not verify:
+        assert skipped[-1] == 1

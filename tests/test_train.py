@@ -156,7 +156,8 @@ def test_sigterm_saves_and_exits_143(tmp_path):
     (["--preset", "demo", "--mixed-precision", "fp8"], "--mixed-precision must be one of"),
     (["--preset", "demo", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["--preset", "demo", "--num-classes", "3", "--max-train-steps", "1"],
-     "--num-classes 3: the data set in"),
+     "holds labels in [0, 11]; pass --num-classes 12"),
+    (["--preset", "demo", "--on-bad-sample", "ignore"], "--on-bad-sample must be one of error"),
     (["--preset", "demo", "--report-to", "mlflow"],
      "--report-to must be one of tensorboard, wandb, none"),
     (["--preset", "demo", "--optimizer", "sgd"], "--optimizer must be one of adamw, "

@@ -4,7 +4,9 @@
   (ADM center crop, SD-VAE moments, resumable, parallel);
 * :func:`make_loader`: batches ``(images uint8 [B,3,H,W], moments, labels)`` with one sample
   order for both backends, sharded by rank, resumable mid-epoch;
-* :func:`center_crop_dhariwal`: the official crop.
+* :func:`center_crop_dhariwal`: the official crop;
+* :func:`label_range`: ``(min, max)`` class label of a prepared set (train's --num-classes
+  check); :class:`DataError` / :class:`BadSampleError`: damaged data, named.
 
 Names are imported on first use: the DALI loader's reader processes import
 :mod:`repa_fast.data.samples` and start faster without the loaders' torch.
@@ -13,10 +15,12 @@ import importlib
 
 _WHERE = {"center_crop_dhariwal": ".crop", "read_index": ".shards", "LoaderConfig": ".loaders",
           "SampleTable": ".samples", "TorchLoader": ".loaders", "DALILoader": ".loaders",
-          "epoch_order": ".samples", "make_loader": ".loaders"}
+          "epoch_order": ".samples", "make_loader": ".loaders", "label_range": ".shards",
+          "BadSampleError": ".samples", "BadSampleWarning": ".samples", "DataError": ".shards"}
 
-__all__ = ["DALILoader", "LoaderConfig", "SampleTable", "TorchLoader", "center_crop_dhariwal",
-           "epoch_order", "make_loader", "read_index"]
+__all__ = ["BadSampleError", "BadSampleWarning", "DALILoader", "DataError", "LoaderConfig",
+           "SampleTable", "TorchLoader", "center_crop_dhariwal", "epoch_order", "label_range",
+           "make_loader", "read_index"]
 
 
 def __getattr__(name: str):

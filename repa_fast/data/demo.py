@@ -63,12 +63,13 @@ def make_demo_dataset(dest: str, num_samples: int = 2400, size: int = 32, seed: 
             np.save(moments, np.concatenate([x, np.zeros_like(x)]))
             writer.add(f"{i:08d}", encode_image(pixels, "png", 95), "png", moments.getvalue(),
                        label)
-        writer.commit([])
-        shards.append(dict(name=shard_name(s) + ".tar", num_samples=count))
+        meta = writer.commit([])
+        shards.append(dict(name=shard_name(s) + ".tar", num_samples=count, size=meta["size"],
+                           checksum=meta["checksum"]))
     write_json_atomic(os.path.join(dest, INDEX), dict(
         format=FORMAT, tool="repa_fast demo", source="procedural shapes", source_kind="demo",
         resolution=size, image_format="png", num_samples=num_samples, num_skipped=0,
-        num_classes=NUM_CLASSES, vae=dict(path=None, scaling_factor=1.0, latent_channels=3,
-                                          fingerprint="pixel space"),
+        num_classes=NUM_CLASSES, label_range=[0, min(num_samples, NUM_CLASSES) - 1],
+        vae=dict(path=None, scaling_factor=1.0, latent_channels=3, fingerprint="pixel space"),
         shards=shards))
     return dest

@@ -22,26 +22,47 @@ memory: ``.to(device, non_blocking=True)`` never waits. ``num_workers=0`` reads 
 training process instead (no reader processes to start). DALI's own ``readers.webdataset``
 cannot reproduce a seeded global shuffle or resume mid-epoch, which is why the order is not
 left to it.
+
+Damaged data (details in :mod:`repa_fast.data.samples`): shards are checked against their
+``index.json`` checksums when first opened, samples as they are read, and every error names
+the shard file and the sample key. ``on_bad_sample="error"`` (default) raises
+:class:`BadSampleError` (a ``ValueError``) at the batch holding the first bad sample;
+``"skip"`` replaces each bad sample by the next good one of the rank's epoch order (batch
+shapes and the place of every other sample unchanged), warns once per bad sample
+(:class:`BadSampleWarning`) and counts the replacements in ``loader.skipped_samples``
+(cumulative, kept in :meth:`state_dict`). A shard that fails its checksum is skipped whole
+under ``"skip"``: its damage may leave values that look valid, so none of its samples is
+trusted; one loud warning names it. DALI: the reader processes check checksums, moments,
+labels and image headers (format, size, PNG chunk CRCs), so its decoder sees only images
+that passed them; damage inside a JPEG's compressed data is found by DALI's decoder alone,
+and the loader then raises under either setting (a DALI pipeline cannot continue past a
+failed decode), naming the sample, which it finds by decoding the batches around the
+failure with PIL. JPEG damage that still decodes (libjpeg's "Corrupt JPEG data" warnings)
+is caught by neither loader unless the shard's checksum is recorded.
 """
 from __future__ import annotations
 
 import importlib.util
-import io
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .samples import (DALIBatchSource, SampleTable, batches_per_epoch, decode_latent,
-                      epoch_order, read_counts, scan_tar)
+from .child_process import leave_signals_to_parent
+from .samples import (BadSampleError, BadSampleWarning, DALIBatchSource, SampleTable,
+                      batches_per_epoch, check_image_header, decode_latent, decode_pixels,
+                      epoch_order, read_batch, read_counts, scan_tar)
 
-__all__ = ["BACKENDS", "DALILoader", "LoaderConfig", "SampleTable", "TorchLoader", "dali_problem",
-           "decode_latent", "epoch_order", "make_loader", "read_counts", "scan_tar"]
+__all__ = ["BACKENDS", "BadSampleError", "BadSampleWarning", "DALILoader", "LoaderConfig",
+           "SampleTable", "TorchLoader", "dali_problem", "decode_latent", "epoch_order",
+           "make_loader", "read_counts", "scan_tar"]
 
 BACKENDS = ("auto", "dali", "torch")
+ON_BAD_SAMPLE = ("error", "skip")
 MAX_READERS = 4  # DALI reader processes at most: reading is light next to decoding
 
 
@@ -58,6 +79,8 @@ class LoaderConfig:
     backend: str = "auto"
     device: Optional[str] = None    # where DALI decodes: "cuda:N" (mixed) or "cpu"; default auto
     return_keys: bool = False       # also yield the batch's sample keys (tests, debugging)
+    on_bad_sample: str = "error"    # "error": raise; "skip": replace, warn, count (module doc)
+    verify_shards: bool = True      # hash each shard when first opened (False: size only)
 
     def check(self) -> None:
         if self.batch_size < 1:
@@ -66,10 +89,14 @@ class LoaderConfig:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}); got {self.rank}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}; got "
+                             f"{self.on_bad_sample!r}")
 
 
 def _batches(table: SampleTable, config: LoaderConfig, epoch: int, batch: int):
-    """Sample-index batches from position (epoch, batch) on, forever."""
+    """``(epoch, batch, order, start)`` from position (epoch, batch) on, forever: the batch
+    is ``order[start:start + batch_size]`` of the rank's epoch order."""
     while True:
         order = epoch_order(len(table), config.seed, epoch, config.rank, config.world_size,
                             config.shuffle)
@@ -78,7 +105,7 @@ def _batches(table: SampleTable, config: LoaderConfig, epoch: int, batch: int):
             raise ValueError(f"batch_size {config.batch_size} is larger than the "
                              f"{len(order)} samples rank {config.rank} reads per epoch")
         for b in range(batch, per_epoch):
-            yield epoch, b, order[b * config.batch_size:(b + 1) * config.batch_size]
+            yield epoch, b, order, b * config.batch_size
         epoch, batch = epoch + 1, 0
 
 
@@ -91,9 +118,12 @@ class _Loader:
         config.check()
         self.config = config
         self.table = SampleTable(config.data_dir)
+        self.table.hash_shards = config.verify_shards
         self.epoch, self.batch = 0, 0
         first = self.table.index
         self.resolution, self.num_classes = first["resolution"], first["num_classes"]
+        self.skipped_samples = 0   # bad samples replaced in the batches yielded so far
+        self._warned: set = set()  # (shard,) or (shard, key): warned once each
 
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
@@ -103,7 +133,8 @@ class _Loader:
     def state_dict(self) -> dict:
         c = self.config
         return dict(epoch=self.epoch, batch=self.batch, seed=c.seed, world_size=c.world_size,
-                    batch_size=c.batch_size, num_samples=len(self.table))
+                    batch_size=c.batch_size, num_samples=len(self.table),
+                    skipped_samples=self.skipped_samples)
 
     def load_state_dict(self, state: dict) -> None:
         c = self.config
@@ -113,10 +144,42 @@ class _Loader:
                 raise ValueError(f"cannot resume: the saved loader had {name}={state[name]}, "
                                  f"this one has {mine}; the sample order would differ")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.skipped_samples = int(state.get("skipped_samples", 0))  # absent from older states
 
     def _advance(self, epoch: int, batch: int) -> None:
         # position of the first batch not yet handed out
         self.epoch, self.batch = (epoch, batch + 1) if batch + 1 < len(self) else (epoch + 1, 0)
+
+    def _bad_samples(self, bad: list) -> None:
+        """Act on the batch's replaced samples ``(slot, shard, key, whole_shard, message)``
+        before it is yielded: raise the first ("error"), or warn once each and count."""
+        for _, shard, key, whole, message in bad:
+            if self.config.on_bad_sample == "error":
+                raise BadSampleError(message, shard, key, whole)
+            seen = (shard,) if whole else (shard, key)
+            if seen in self._warned:
+                continue
+            self._warned.add(seen)
+            if whole:
+                warnings.warn(f"SKIPPING A WHOLE SHARD: {message}. Every sample of "
+                              f"{self.table.shards[shard]} is replaced by the next good sample "
+                              f"of the epoch order until it is recreated", BadSampleWarning,
+                              stacklevel=3)
+            else:
+                warnings.warn(f"skipped a bad sample: {message}; replaced by the next good "
+                              f"sample of the epoch order", BadSampleWarning, stacklevel=3)
+        self.skipped_samples += len(bad)
+
+    def _scratch(self) -> str:
+        """A folder for this iteration's shared state (shard-check marks, the DALI readers'
+        table), removed when the iteration ends."""
+        folder = tempfile.mkdtemp(prefix="repa-fast-loader-")
+        self.table.marks = folder
+        return folder
+
+    def _end_scratch(self, folder: str) -> None:
+        self.table.marks = None
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class TorchLoader(_Loader):
@@ -126,16 +189,24 @@ class TorchLoader(_Loader):
 
     def __iter__(self):
         c = self.config
-        dataset = _BatchDataset(self.table, c, self.epoch, self.batch)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=c.num_workers, pin_memory=torch.cuda.is_available(),
-            prefetch_factor=2 if c.num_workers else None,
-            # its own generator: starting workers must not draw from the global RNG, or a
-            # resumed training run would draw different noise from the uninterrupted one
-            generator=torch.Generator().manual_seed(c.seed))
-        for epoch, batch, images, moments, labels, keys in loader:
-            self._advance(epoch, batch)
-            yield (images, moments, labels, keys) if c.return_keys else (images, moments, labels)
+        scratch = self._scratch()
+        try:
+            dataset = _BatchDataset(self.table, c, self.epoch, self.batch)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=None, num_workers=c.num_workers,
+                pin_memory=torch.cuda.is_available(), prefetch_factor=2 if c.num_workers else None,
+                # its own generator: starting workers must not draw from the global RNG, or a
+                # resumed training run would draw different noise from the uninterrupted one
+                generator=torch.Generator().manual_seed(c.seed),
+                # Ctrl-C / SIGTERM to the process group: training saves first, then stops us
+                worker_init_fn=leave_signals_to_parent)
+            for epoch, batch, images, moments, labels, keys, bad in loader:
+                self._bad_samples(bad)
+                self._advance(epoch, batch)
+                yield ((images, moments, labels, keys) if c.return_keys
+                       else (images, moments, labels))
+        finally:
+            self._end_scratch(scratch)
 
 
 class _BatchDataset(torch.utils.data.IterableDataset):
@@ -146,23 +217,20 @@ class _BatchDataset(torch.utils.data.IterableDataset):
         self.table, self.config, self.start = table, config, (epoch, batch)
 
     def __iter__(self):
-        from PIL import Image
-
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         handles: dict = {}
-        for n, (epoch, batch, ids) in enumerate(_batches(self.table, self.config, *self.start)):
+        batches = _batches(self.table, self.config, *self.start)
+        for n, (epoch, batch, order, start) in enumerate(batches):
             if n % workers != worker:
                 continue
-            images, moments = [], []
-            for i in ids:
-                image, latent = self.table.read(int(i), handles)
-                pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
-                images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
-                moments.append(torch.from_numpy(decode_latent(latent)))
-            yield (epoch, batch, torch.stack(images), torch.stack(moments),
+            ids, pixels, moments, bad = read_batch(self.table, order, start,
+                                                   self.config.batch_size, handles, decode_pixels)
+            images = [torch.from_numpy(p).permute(2, 0, 1) for p in pixels]
+            yield (epoch, batch, torch.stack(images),
+                   torch.stack([torch.from_numpy(m) for m in moments]),
                    torch.from_numpy(self.table.label[ids].copy()),
-                   [f"{k:08d}" for k in self.table.key[ids]])
+                   [f"{k:08d}" for k in self.table.key[ids]], bad)
 
 
 def dali_problem() -> Optional[str]:
@@ -208,16 +276,16 @@ class DALILoader(_Loader):
             # every reader makes a whole batch; a batch more than readers is kept under way
             parallel = dict(parallel=True, prefetch_queue_depth=self.readers + 1,
                             bytes_per_sample_hint=hint)
-            encoded, moments, labels, positions = fn.external_source(
-                source=source, num_outputs=4, batch=True, batch_info=True,
-                dtype=[types.UINT8, types.FLOAT, types.INT64, types.INT64],
+            encoded, moments, labels, positions, notes = fn.external_source(
+                source=source, num_outputs=5, batch=True, batch_info=True,
+                dtype=[types.UINT8, types.FLOAT, types.INT64, types.INT64, types.UINT8],
                 **(parallel if self.readers else {}))
             images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu",
                                        output_type=types.RGB)
             images = fn.transpose(images, perm=[2, 0, 1])  # HWC -> CHW like the official loader
             if gpu:
                 moments = moments.gpu()  # copied ahead of the step, on DALI's stream
-            return images, moments, labels, positions
+            return images, moments, labels, positions, notes
 
         pipe = pipeline()
         try:
@@ -239,26 +307,26 @@ class DALILoader(_Loader):
             raise ValueError(f"batch_size {c.batch_size} is larger than the "
                              f"{-(-len(self.table) // c.world_size)} samples rank {c.rank} reads "
                              f"per epoch")
-        table_dir = tempfile.mkdtemp(prefix="repa-fast-loader-") if self.readers else None
+        scratch = self._scratch()  # the readers' table and shard-check marks
+        pipe = None
         try:
-            if table_dir:
-                self.table.save(table_dir)
+            if self.readers:
+                self.table.save(scratch)
             pipe = self._pipeline(DALIBatchSource(self.table, c.seed, c.rank, c.world_size,
                                                   c.shuffle, c.batch_size, self.epoch,
-                                                  self.batch, table_dir=table_dir))
-        finally:  # the readers have loaded it
-            if table_dir:
-                shutil.rmtree(table_dir, ignore_errors=True)
-        gpu = self.device.type == "cuda"
-        try:
+                                                  self.batch, table_dir=scratch if self.readers
+                                                  else None))
+            gpu = self.device.type == "cuda"
             while True:
-                if gpu:  # outputs ordered on the training stream: no host wait
-                    stream = torch.cuda.current_stream(self.device)
-                    images, moments, labels, positions = pipe.run(stream)
-                else:
-                    stream = None
-                    images, moments, labels, positions = pipe.run()
+                stream = torch.cuda.current_stream(self.device) if gpu else None
+                try:  # on the GPU: outputs ordered on the training stream, no host wait
+                    images, moments, labels, positions, notes = (pipe.run(stream) if gpu
+                                                                 else pipe.run())
+                except Exception as error:
+                    self._diagnose(error)
+                    raise
                 positions = _as_torch(positions)
+                self._bad_samples(_bad_of(positions, notes))
                 epoch, batch = int(positions[0, 0]), int(positions[0, 1])
                 self._advance(epoch, batch)
                 self.reader_pids.update(positions[:, 3].tolist())
@@ -271,6 +339,48 @@ class DALILoader(_Loader):
             pool = getattr(pipe, "_py_pool", None)
             if pool is not None:
                 pool.close()
+            self._end_scratch(scratch)
+
+    def _diagnose(self, error: Exception) -> None:
+        """DALI failed on a batch at or a little after the current position (its readers
+        and decoder work ahead): decode those batches' samples with PIL here, and raise a
+        :class:`BadSampleError` naming the first whose image passes the readers' header
+        check but does not decode (under "error", also any other bad sample). Returns when
+        none is found."""
+        c, handles, found = self.config, {}, None
+        epoch, batch = self.epoch, self.batch
+        try:
+            for _ in range(self.readers + 4):  # DALI's queue depths: readers + 1, then 2
+                order = epoch_order(len(self.table), c.seed, epoch, c.rank, c.world_size,
+                                    c.shuffle)
+                for pos in range(batch * c.batch_size, (batch + 1) * c.batch_size):
+                    i = int(order[pos])
+                    try:
+                        self.table.sample(i, handles, check_image_header)
+                    except BadSampleError as bad:
+                        found = found or (bad if c.on_bad_sample == "error" else None)
+                        continue  # the readers replace it
+                    try:
+                        self.table.sample(i, handles, decode_pixels)
+                    except BadSampleError as bad:
+                        raise BadSampleError(
+                            f"DALI could not decode a batch ({type(error).__name__}): {bad}. "
+                            f"Damage past the image header is not skipped by the DALI "
+                            f"loader: recreate the shard, or use backend='torch'",
+                            bad.shard, bad.key, bad.whole_shard) from error
+                epoch, batch = (epoch, batch + 1) if batch + 1 < len(self) else (epoch + 1, 0)
+        finally:
+            for f in handles.values():
+                f.close()
+        if found is not None:
+            raise found from error
+
+
+def _bad_of(positions: torch.Tensor, notes) -> list:
+    """The replaced samples ``(slot, shard, key, whole_shard, message)`` of a DALI batch."""
+    slots = (positions[:, 4] >= 0).nonzero().flatten().tolist()
+    return [(j, int(positions[j, 4]), int(positions[j, 5]), bool(positions[j, 6]),
+             bytes(np.array(notes[j])).decode(errors="replace")) for j in slots]
 
 
 def _as_torch(tensors, pin: bool = False, stream=None) -> torch.Tensor:

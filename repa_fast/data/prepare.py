@@ -8,6 +8,13 @@ folder (``images/`` + ``vae-sd/``: converted as is, no VAE needed). Images are c
 encoded in ``--workers`` processes; the VAE encodes batches on the GPU when there is one.
 Shards are published atomically, so rerunning the same command after a crash continues with
 the unfinished shards. Unreadable images are skipped and listed in ``report.json``.
+``index.json`` records each shard's size and CRC-32 (the loaders check them) and the range of
+class labels.
+
+One run per --dest: ``.prepare.lock`` names the pid and host of the run holding it; the lock
+of a run that died (``kill -9``, a crash) is taken over with a message, a live one is
+refused with its pid. Worker processes exit within a second of their parent's death.
+Errors are one line (``repa_fast.errors``): exit 2 for usage, 1 for the machine's.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import io
 import json
 import multiprocessing
 import os
+import socket
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -24,10 +32,13 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import USAGE_AND_VALUE, UsageError, run_cli
 from ..version import __version__
+from .child_process import exit_with_parent, leave_signals_to_parent
 from .encode import process_entry
 from ..atomic_write import write_json_atomic
-from .shards import FORMAT, INDEX, ShardWriter, finished_shard, shard_name
+from .shards import (FORMAT, INDEX, DataError, ShardWriter, file_checksum, finished_shard,
+                     read_json, shard_name)
 from .sources import OfficialSource, open_source
 
 REPORT = "report.json"
@@ -126,15 +137,20 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
                quality=config.jpeg_quality)
     with _DestLock(config.dest):
         _check_manifest(config, source, len(entries), image_format)
-        latents = _Latents(config, source) if todo or not os.path.exists(
-            os.path.join(config.dest, INDEX)) else None
+        old_index = None
+        if not todo and os.path.exists(os.path.join(config.dest, INDEX)):
+            try:  # nothing to encode: the VAE's identity comes from the index
+                old_index = read_json(os.path.join(config.dest, INDEX), INDEX)
+            except DataError:
+                pass  # damaged: rewritten below
+        latents = _Latents(config, source) if old_index is None else None
         from tqdm import tqdm
         bar = tqdm(total=sum(len(plan[i]) for i in todo), unit="img", disable=not progress,
                    desc=f"preparing {len(todo)}/{len(plan)} shards", dynamic_ncols=True)
         # workers receive the source once (initializer), then only entries: a source with a
         # million entries pickled per task would cost more than the images themselves
         pool = (ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn"),
-                                    initializer=_init_worker, initargs=(source, job))
+                                    initializer=_init_worker, initargs=(source, job, os.getpid()))
                 if config.workers else None)
         if pool is None:
             _init_worker(source, job)
@@ -171,15 +187,18 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
             bar.close()
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
-        identity = latents.identity if latents else _read_json(config.dest, INDEX)["vae"]
+        identity = latents.identity if latents else old_index["vae"]
         return _write_index(config, source, plan, identity, image_format)
 
 
 _WORKER: dict = {}
 
 
-def _init_worker(source, job: dict) -> None:
+def _init_worker(source, job: dict, parent: Optional[int] = None) -> None:
     _WORKER.update(source=source, job=job)
+    if parent is not None:  # a pool process (not the in-process path of --workers 0)
+        leave_signals_to_parent()
+        exit_with_parent(parent)
 
 
 def _work(entry):
@@ -187,8 +206,9 @@ def _work(entry):
 
 
 def _read_json(directory: str, name: str) -> dict:
-    with open(os.path.join(directory, name)) as f:
-        return json.load(f)
+    return read_json(os.path.join(directory, name), name,
+                     "it records the settings of the first run: delete it only if this run "
+                     "uses the same ones, else use a new --dest")
 
 
 def _check_manifest(config: PrepareConfig, source, count: int, image_format: str) -> None:
@@ -210,24 +230,130 @@ def _check_manifest(config: PrepareConfig, source, count: int, image_format: str
                          "or a new --dest")
 
 
+def _process_start(pid: int) -> Optional[str]:
+    """The start time of process ``pid`` (Linux ``/proc``), to tell a live lock holder from
+    a new process that reuses its pid; None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: Optional[str]) -> bool:
+    """Whether process ``pid`` of this host runs (and is the one that started at ``start``)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False  # a zombie: dead, not yet reaped
+    except (OSError, IndexError):
+        pass
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
 class _DestLock:
-    """One preparation per --dest at a time (two would overwrite each other's shards)."""
+    """One preparation per --dest at a time (two would overwrite each other's shards).
+
+    The lock file holds the holder's pid, host and process start time, and the holder keeps
+    an ``flock`` on it, which the kernel drops when the process dies however it dies. A lock
+    left by a dead process (``kill -9``, a crash, a lost machine on this host) is taken
+    over with a message; one held by a live process is refused, naming it. A lock written on
+    another host cannot be checked from here: refused, saying which host and pid to check.
+    """
 
     def __init__(self, dest: str):
         self.path = os.path.join(dest, LOCK)
+        self.fd = None
 
     def __enter__(self):
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            raise ValueError(f"another prepare run is writing to this --dest ({self.path} "
-                             f"exists); if none is running, delete that file") from None
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if not self._flock(fd):
+                    self._refuse(self._holder(fd), "it holds the lock")
+                if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+                    os.close(fd)  # released and deleted while we opened it: try again
+                    continue
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            holder = self._holder(fd)
+            if holder:
+                self._take_over(fd, holder)
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
+                                         start=_process_start(os.getpid()))).encode())
+            self.fd = fd
         return self
 
+    @staticmethod
+    def _flock(fd: int) -> bool:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): the pid check alone decides
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    @staticmethod
+    def _holder(fd: int) -> dict:
+        """What the lock file says about its writer; ``{}`` for an empty file. Old versions
+        wrote the pid alone."""
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 4096).decode(errors="replace").strip()
+        if not text:
+            return {}
+        try:
+            holder = json.loads(text)
+            return holder if isinstance(holder, dict) else dict(pid=holder)
+        except json.JSONDecodeError:
+            return dict(pid=text)
+
+    def _refuse(self, holder: dict, why: str):
+        pid, host = holder.get("pid", "?"), holder.get("host") or "this host"
+        raise UsageError(
+            f"another prepare run is writing to this --dest (pid {pid} on {host}: {why}; lock "
+            f"file {self.path}). Wait for it to finish, or stop it (kill {pid}) and rerun the "
+            f"same command to continue; if no such run exists, delete {self.path}")
+
+    def _take_over(self, fd: int, holder: dict) -> None:
+        host = holder.get("host")
+        if host and host != socket.gethostname():
+            os.close(fd)
+            self._refuse(holder, "a process on another host cannot be checked from here")
+        try:
+            pid = int(holder.get("pid"))
+        except (TypeError, ValueError):
+            pid = None
+        if pid is not None and pid != os.getpid() and _alive(pid, holder.get("start")):
+            os.close(fd)  # a live process that holds no flock: an older repa_fast
+            self._refuse(holder, "that process is running")
+        print(f"taking over the stale lock {self.path} of prepare run pid {holder.get('pid')} "
+              f"({host or 'this host'}), which is no longer running; finished shards are kept",
+              file=sys.stderr)
+
     def __exit__(self, *exc):
-        os.remove(self.path)
+        try:
+            os.remove(self.path)  # before the flock goes: the next run finds no stale file
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _flush(writer: ShardWriter, pending: list, latents: _Latents, image_format: str) -> None:
@@ -241,7 +367,13 @@ def _write_index(config: PrepareConfig, source, plan: list, vae: dict, image_for
     shards, skipped, class_counts = [], [], {}
     for i in range(len(plan)):
         meta = finished_shard(config.dest, i)
-        shards.append(dict(name=shard_name(i) + ".tar", num_samples=len(meta["samples"])))
+        name = shard_name(i) + ".tar"
+        if "checksum" in meta:
+            checksum, size = meta["checksum"], meta["size"]
+        else:  # finished by an older version: hashed now
+            checksum, size = file_checksum(os.path.join(config.dest, name))
+        shards.append(dict(name=name, num_samples=len(meta["samples"]), size=size,
+                           checksum=checksum))
         skipped += meta["skipped"]
         for sample in meta["samples"]:
             class_counts[sample["label"]] = class_counts.get(sample["label"], 0) + 1
@@ -251,6 +383,7 @@ def _write_index(config: PrepareConfig, source, plan: list, vae: dict, image_for
                  source_kind=source.kind, resolution=config.resolution, image_format=image_format,
                  num_samples=sum(s["num_samples"] for s in shards), num_skipped=len(skipped),
                  num_classes=(max(class_counts) + 1) if class_counts else 0,
+                 label_range=[min(class_counts), max(class_counts)] if class_counts else None,
                  class_counts={str(k): v for k, v in sorted(class_counts.items())},
                  vae=vae, shards=shards, report=REPORT,
                  config={k: v for k, v in asdict(config).items() if k not in ("source", "dest")})
@@ -278,15 +411,23 @@ def parse_args(argv=None) -> PrepareConfig:
 
 
 def main(argv=None) -> int:
+    """The command; errors are reported by :func:`repa_fast.errors.run_cli` (one line; exit 2
+    for usage errors, 1 for the machine's: a --dest that cannot be written, a full disk)."""
     config = parse_args(argv)
-    try:
+
+    def body() -> int:
         index = prepare(config)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"{index['num_samples']} samples in {len(index['shards'])} shards at {config.dest}; "
-          f"{index['num_skipped']} skipped (listed in {os.path.join(config.dest, REPORT)})")
-    return 0
+        print(f"{index['num_samples']} samples in {len(index['shards'])} shards at "
+              f"{config.dest}; {index['num_skipped']} skipped (listed in "
+              f"{os.path.join(config.dest, REPORT)})")
+        return 0
+
+    try:
+        return run_cli(body, prog="prepare", usage=USAGE_AND_VALUE)
+    except KeyboardInterrupt:
+        print(f"prepare: interrupted; finished shards are kept in {config.dest}: rerun the "
+              f"same command to continue", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

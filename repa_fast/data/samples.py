@@ -9,20 +9,40 @@ Sample order (both loaders)::
               seen at least once per epoch, every rank gets ceil(N / world_size))
               rank r takes perm[r::world_size], in batches of batch_size (the incomplete last
               batch of an epoch is dropped, as the official DataLoader(drop_last=True))
+
+Damaged data (both loaders, in the processes that read):
+
+* a shard is checked against its ``index.json`` checksum when first opened: once per shard
+  per loader iteration (the processes of one iteration share a folder of marks, so each
+  shard is hashed about once between them), never per sample. Indexes without checksums
+  (older versions) are read unchecked, with one warning;
+* every sample is checked as it is read: its moments parse as a float32 ``.npy`` of the data
+  set's shape with finite values, its label is an integer, its image is a JPEG or PNG of
+  the data set's size with valid PNG chunk checksums, and decodes (PyTorch loader; DALI
+  decodes in its own operator, so damage inside a JPEG's compressed data shows there);
+* a bad sample (or every sample of a shard that fails its checksum) is replaced by the next
+  good sample of the rank's epoch order, so the batch keeps its shape and every other sample
+  its place, and reported to the loader with a message naming the shard file and the key;
+  the loader then raises it (``on_bad_sample="error"``) or warns and counts (``"skip"``).
 """
 from __future__ import annotations
 
 import collections
 import io
 import json
+import multiprocessing
 import os
 import tarfile
 import threading
-from typing import Optional
+import warnings
+from typing import Callable, Optional
 
 import numpy as np
 
-from .shards import read_index
+from .child_process import leave_signals_to_parent
+
+from .crop import to_rgb8
+from .shards import REDO_SHARD, DataError, read_index, read_json, verify_shard
 
 MAX_OPEN = 32  # open shard files per reader
 
@@ -39,8 +59,35 @@ def read_counts() -> dict:
                 main_thread_reads=READS[threading.main_thread().name])
 
 
+class BadSampleError(DataError):
+    """A sample that cannot be used (or one of a shard that fails its checksum:
+    ``whole_shard``); the message names the shard file and the sample key."""
+
+    def __init__(self, message: str, shard: int = -1, key: int = -1, whole_shard: bool = False):
+        super().__init__(message)
+        self.shard, self.key, self.whole_shard = shard, key, whole_shard
+
+    def __reduce__(self):  # keeps the fields across processes (DataLoader workers)
+        return type(self), (str(self), self.shard, self.key, self.whole_shard)
+
+
+class BadSampleWarning(UserWarning):
+    """A bad sample (or shard) was skipped: ``on_bad_sample="skip"``."""
+
+
+def latent_shape(index: dict) -> Optional[tuple]:
+    """The moments' shape ``[2·C, H/8, W/8]`` (pixel space: ``[2·3, H, W]``) from
+    ``index.json``; None when the index does not say."""
+    vae, resolution = index.get("vae") or {}, index.get("resolution")
+    if not resolution or not vae.get("latent_channels"):
+        return None
+    side = resolution if vae.get("fingerprint") == "pixel space" else resolution // 8
+    return (2 * int(vae["latent_channels"]), side, side)
+
+
 class SampleTable:
-    """Where every sample lives: shard, byte ranges of image and moments, label, key."""
+    """Where every sample lives: shard, byte ranges of image and moments, label, key; and
+    the checks of what is read (module doc)."""
 
     COLUMNS = ("shard", "image_offset", "image_size", "latent_offset", "latent_size", "label",
                "key")
@@ -58,12 +105,32 @@ class SampleTable:
             raise ValueError(f"{data_dir} holds no samples")
         for name, column in zip(self.COLUMNS, np.array(rows, dtype=np.int64).T):
             setattr(self, name, column)
+        self.checks = [dict(name=e["name"], checksum=e.get("checksum"), size=e.get("size"))
+                       for e in self.index["shards"]]
+        unchecked = sum(not c["checksum"] for c in self.checks)
+        if unchecked:
+            warnings.warn(f"{data_dir}/index.json records no checksum for {unchecked} of its "
+                          f"{len(self.checks)} shards (prepared by an older version or another "
+                          f"tool): damaged shards cannot be detected. Rerunning the prepare "
+                          f"command that made it adds them", stacklevel=3)
+        self.latent_shape, self.resolution = latent_shape(self.index), self.index.get("resolution")
+        self.marks: Optional[str] = None  # folder of "shard checked" marks shared by processes
+        self.hash_shards = True           # False: shards are checked by size only (no read)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._shard_problem: dict[int, Optional[str]] = {}  # checked shards: None when good
+        self._bad: dict[int, tuple] = {}  # bad samples met in this process: error arguments
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_shard_problem={}, _bad={})  # each process checks for itself
+        return state
 
     def _samples(self, name: str) -> list[dict]:
         meta = os.path.join(self.data_dir, name[:-len(".tar")] + ".json")
         if os.path.exists(meta):
-            with open(meta) as f:
-                return json.load(f)["samples"]
+            return read_json(meta, "shard metadata", REDO_SHARD)["samples"]
         return scan_tar(os.path.join(self.data_dir, name))  # shards made by another tool
 
     def __len__(self) -> int:
@@ -75,7 +142,9 @@ class SampleTable:
         np.save(os.path.join(directory, "table.npy"),
                 np.stack([getattr(self, name) for name in self.COLUMNS]))
         with open(os.path.join(directory, "shards.json"), "w") as f:
-            json.dump(dict(data_dir=self.data_dir, shards=self.shards), f)
+            json.dump(dict(data_dir=self.data_dir, shards=self.shards, checks=self.checks,
+                           latent_shape=self.latent_shape, resolution=self.resolution,
+                           marks=self.marks, hash_shards=self.hash_shards), f)
 
     @classmethod
     def load(cls, directory: str) -> "SampleTable":
@@ -85,6 +154,10 @@ class SampleTable:
         with open(os.path.join(directory, "shards.json")) as f:
             meta = json.load(f)
         table.data_dir, table.shards, table.index = meta["data_dir"], meta["shards"], None
+        table.checks, table.resolution = meta["checks"], meta["resolution"]
+        table.marks, table.hash_shards = meta["marks"], meta["hash_shards"]
+        table.latent_shape = tuple(meta["latent_shape"]) if meta["latent_shape"] else None
+        table._reset()
         columns = np.load(os.path.join(directory, "table.npy"), mmap_mode="r")
         for name, column in zip(cls.COLUMNS, columns):
             setattr(table, name, column)
@@ -97,6 +170,10 @@ class SampleTable:
         s = int(self.shard[i])
         f = handles.pop(s, None)  # re-inserted below: the dict's order is the recency order
         if f is None:
+            problem = self.check_shard(s)
+            if problem:
+                raise BadSampleError(f"{problem} (reading sample {self.key_text(i)})", s,
+                                     int(self.key[i]), whole_shard=True)
             if len(handles) >= MAX_OPEN:
                 handles.pop(next(iter(handles))).close()
             f = open(os.path.join(self.data_dir, self.shards[s]), "rb")
@@ -110,23 +187,147 @@ class SampleTable:
         READ_BYTES[thread] += len(image) + len(latent)
         return image, latent
 
+    def key_text(self, i: int) -> str:
+        return f"{int(self.key[i]):08d}"
+
+    def check_shard(self, s: int) -> Optional[str]:
+        """Why shard ``s`` cannot be used (its checksum fails, it cannot be read), or None;
+        hashed the first time it is asked for in this process, unless another process of
+        the same loader left a mark that it passed."""
+        if s in self._shard_problem:
+            return self._shard_problem[s]
+        mark = os.path.join(self.marks, f"checked-{s}") if self.marks else None
+        if mark and os.path.exists(mark):
+            problem = None
+        else:
+            problem = verify_shard(self.data_dir, self.checks[s], full=self.hash_shards)
+            if problem is None and mark:
+                try:
+                    open(mark, "wb").close()
+                except OSError:
+                    pass  # the loader ended and removed the folder: no one to tell
+        self._shard_problem[s] = problem
+        return problem
+
+    def sample(self, i: int, handles: dict, decode_image: Callable):
+        """``(decode_image(image bytes, resolution), moments, label)`` of sample ``i``, each
+        checked (module doc); :class:`BadSampleError` naming the shard and key when one
+        fails."""
+        if i in self._bad:  # a new error each time: a re-raised one grows its traceback
+            raise BadSampleError(*self._bad[i])
+        shard_path = os.path.join(self.data_dir, self.shards[int(self.shard[i])])
+        where = f"{shard_path}, sample {self.key_text(i)}"
+
+        def bad(why: str):
+            self._bad[i] = (f"{where}: {why}", int(self.shard[i]), int(self.key[i]))
+            return BadSampleError(*self._bad[i])
+
+        try:
+            image, latent = self.read(i, handles)
+        except OSError as error:
+            raise bad(f"cannot be read ({error.strerror or error})") from None
+        label = int(self.label[i])
+        if label < 0:
+            raise bad("its .cls label is not an integer")
+        try:
+            moments = decode_latent(latent)
+        except Exception as error:  # numpy's header parser raises SyntaxError, TokenError, ...
+            raise bad(f"its moments (.latent.npy) cannot be read: {type(error).__name__}: "
+                      f"{error}") from None
+        want = self.latent_shape
+        if moments.dtype != np.float32 or moments.ndim != 3 or (want and moments.shape != want):
+            raise bad(f"its moments (.latent.npy) are {moments.dtype} {list(moments.shape)}, "
+                      f"not float32 {list(want) if want else '[C, H, W]'}")
+        if not np.isfinite(moments).all():
+            raise bad("its moments (.latent.npy) hold non-finite values")
+        try:
+            pixels = decode_image(image, self.resolution)
+        except Exception as error:  # PIL: UnidentifiedImageError, truncated files, ...
+            raise bad(f"its image cannot be decoded: {type(error).__name__}: {error}") from None
+        return pixels, moments, label
+
+    def sample_or_next(self, order: np.ndarray, pos: int, handles: dict, decode_image: Callable):
+        """``(i, sample(i), problem)``: sample ``order[pos]``, or when it is bad the next
+        good one in ``order`` (cyclically), with the bad one's :class:`BadSampleError`."""
+        first = None
+        for step in range(len(order)):
+            i = int(order[(pos + step) % len(order)])
+            try:
+                return i, self.sample(i, handles, decode_image), first
+            except BadSampleError as error:
+                first = first or error
+        raise BadSampleError(f"{first}; and no sample of this rank's epoch is readable",
+                             first.shard, first.key, first.whole_shard)
+
+
+def read_batch(table: SampleTable, order: np.ndarray, start: int, count: int, handles: dict,
+               decode_image: Callable):
+    """Samples ``order[start:start + count]``, bad ones replaced (:meth:`SampleTable.
+    sample_or_next`): ``(ids, images, moments, bad)``; ``bad`` holds ``(slot, shard, key,
+    whole_shard, message)`` per replaced sample."""
+    ids, images, moments, bad = [], [], [], []
+    for slot in range(count):
+        i, (pixels, latent, _), problem = table.sample_or_next(order, start + slot, handles,
+                                                               decode_image)
+        ids.append(i)
+        images.append(pixels)
+        moments.append(latent)
+        if problem is not None:
+            bad.append((slot, problem.shard, problem.key, problem.whole_shard, str(problem)))
+    return np.array(ids, dtype=np.int64), images, moments, bad
+
+
+def _check_header(data: bytes, resolution: Optional[int]) -> None:
+    """A JPEG or PNG of the data set's size; for PNG also every chunk's CRC (damage inside
+    the compressed pixels can decode without an error). JPEG has no checksum."""
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format not in ("JPEG", "PNG"):
+            raise ValueError(f"it is {image.format}, not JPEG or PNG")
+        if resolution and image.size != (resolution, resolution):
+            raise ValueError(f"it is {image.size[0]}x{image.size[1]}, not the data set's "
+                             f"{resolution}x{resolution}")
+        if image.format == "PNG":
+            image.verify()
+
+
+def decode_pixels(data: bytes, resolution: Optional[int] = None) -> np.ndarray:
+    """HWC uint8 RGB pixels of encoded image ``data``, checked (PyTorch loader)."""
+    from PIL import Image
+    _check_header(data, resolution)
+    with Image.open(io.BytesIO(data)) as image:
+        return np.array(to_rgb8(image))
+
+
+def check_image_header(data: bytes, resolution: Optional[int] = None) -> np.ndarray:
+    """``data`` as uint8 once its header (and PNG checksums) pass (DALI loader: decoding
+    is DALI's work; damage inside a JPEG's compressed data shows only there)."""
+    _check_header(data, resolution)
+    return np.frombuffer(data, dtype=np.uint8)
+
 
 def scan_tar(path: str) -> list[dict]:
     """Samples of a WebDataset tar written by any tool: byte ranges from its member headers."""
     samples: dict[str, dict] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            sample = samples.setdefault(key, dict(key=key))
-            where = (member.offset_data, member.size)
-            if ext in ("jpg", "jpeg", "png"):
-                sample["image"], sample["ext"] = where, ext
-            elif ext == "latent.npy":
-                sample["latent"] = where
-            elif ext == "cls":
-                sample["label"] = int(tar.extractfile(member).read())
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                sample = samples.setdefault(key, dict(key=key))
+                where = (member.offset_data, member.size)
+                if ext in ("jpg", "jpeg", "png"):
+                    sample["image"], sample["ext"] = where, ext
+                elif ext == "latent.npy":
+                    sample["latent"] = where
+                elif ext == "cls":
+                    try:
+                        sample["label"] = int(tar.extractfile(member).read())
+                    except ValueError:
+                        sample["label"] = -1  # reported when read: a bad sample, named
+    except (tarfile.TarError, OSError) as error:
+        raise DataError(f"{path} cannot be read as a tar file ({error}); recreate it") from None
     return [s for s in samples.values() if {"image", "latent", "label"} <= s.keys()]
 
 
@@ -162,7 +363,11 @@ class DALIBatchSource:
 
     Returns the batch's encoded images (a list: their sizes differ), then dense arrays — less
     work for the training process, which unpacks what the readers send sample by sample —:
-    moments [B, ...], labels [B] and [B, 4] rows of epoch, batch, key and reader pid."""
+    moments [B, ...], labels [B] and [B, 7] rows of epoch, batch, key, reader pid and, for a
+    sample that replaces a bad one, the bad one's shard, key and whole-shard flag (else -1);
+    last the bad samples' messages (UTF-8 bytes, empty for the others)."""
+
+    COLUMNS = ("epoch", "batch", "key", "pid", "bad_shard", "bad_key", "whole_shard")
 
     def __init__(self, table: SampleTable, seed: int, rank: int, world_size: int,
                  shuffle: bool, batch_size: int, epoch: int, batch: int,
@@ -185,6 +390,8 @@ class DALIBatchSource:
         self.__dict__.update(state)
         if self.table is None:
             self.table = SampleTable.load(self.table_dir)
+        if multiprocessing.parent_process() is not None:  # unpickled in a reader process
+            leave_signals_to_parent()
 
     def __call__(self, info):
         epoch, batch = divmod(self.start + info.iteration, self.per_epoch)
@@ -192,13 +399,15 @@ class DALIBatchSource:
             self._order = epoch_order(len(self.table), self.seed, epoch, self.rank,
                                       self.world_size, self.shuffle)
             self._order_epoch = epoch
-        ids = self._order[batch * self.batch_size:(batch + 1) * self.batch_size]
-        encoded, moments = [], []
-        for i in ids:
-            image, latent = self.table.read(int(i), self._handles)
-            encoded.append(np.frombuffer(image, dtype=np.uint8))
-            moments.append(decode_latent(latent))
-        positions = np.empty((len(ids), 4), dtype=np.int64)
+        ids, encoded, moments, bad = read_batch(self.table, self._order, batch * self.batch_size,
+                                                self.batch_size, self._handles,
+                                                check_image_header)
+        positions = np.full((len(ids), len(self.COLUMNS)), -1, dtype=np.int64)
         positions[:, 0], positions[:, 1], positions[:, 3] = epoch, batch, os.getpid()
         positions[:, 2] = self.table.key[ids]
-        return encoded, np.stack(moments), self.table.label[ids].astype(np.int64), positions
+        notes = [np.zeros(0, dtype=np.uint8)] * len(ids)
+        for slot, shard, key, whole, message in bad:
+            positions[slot, 4:] = shard, key, whole
+            notes[slot] = np.frombuffer(message.encode(), dtype=np.uint8)
+        return (encoded, np.stack(moments), self.table.label[ids].astype(np.int64), positions,
+                notes)

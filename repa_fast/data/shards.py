@@ -11,6 +11,12 @@ extensions)::
 ``shard-NNNNNN.json`` (its samples, their byte offsets inside the tar, and the inputs that
 were skipped), so a crash never leaves a half-written shard that looks finished and a
 restarted run skips the shards that are. ``index.json`` (written last) summarises the set.
+
+Each shard's entry in ``index.json`` (and its ``.json``) records ``size`` (bytes) and
+``checksum``, ``crc32:<8 hex digits>`` of the whole tar file: CRC-32 (zlib) because the
+loaders check every shard they open, and it runs at about 3 GB/s here against 1.2 for SHA-256
+and 0.6 for BLAKE2b; it is meant to catch accidental damage (bit rot, truncation, a bad copy),
+not tampering. ``label_range`` is ``[min, max]`` of the class labels.
 """
 from __future__ import annotations
 
@@ -18,16 +24,53 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from typing import Optional
 
 from ..atomic_write import publish, temporary_name, write_json_atomic
+from ..errors import UsageError
 
 INDEX = "index.json"
 FORMAT = "repa_fast-webdataset-v1"
 
 
+CHUNK = 4 << 20  # bytes hashed at a time
+
+
+class DataError(UsageError):
+    """A file of a prepared data set is damaged or unreadable; the message names the file
+    (and the sample) and how to recreate it."""
+
+
 def shard_name(i: int) -> str:
     return f"shard-{i:06d}"
+
+
+def crc32_text(crc: int) -> str:
+    return f"crc32:{crc & 0xFFFFFFFF:08x}"
+
+
+def file_checksum(path: str) -> tuple[str, int]:
+    """``("crc32:...", size)`` of the file at ``path``."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+    return crc32_text(crc), size
+
+
+class _Checksummed:
+    """A write-only file that keeps the CRC-32 and size of what went through it."""
+
+    def __init__(self, file):
+        self.file, self.crc, self.size = file, 0, 0
+
+    def write(self, data) -> int:
+        self.crc, self.size = zlib.crc32(data, self.crc), self.size + len(data)
+        return self.file.write(data)
+
+    def tell(self) -> int:
+        return self.file.tell()
 
 
 class ShardWriter:
@@ -38,7 +81,8 @@ class ShardWriter:
         self.meta_path = os.path.join(directory, shard_name(index) + ".json")
         self._tmp = temporary_name(self.path)
         self._file = open(self._tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._sink = _Checksummed(self._file)  # hashed as written: no second read
+        self._tar = tarfile.open(fileobj=self._sink, mode="w", format=tarfile.USTAR_FORMAT)
         self.samples: list[dict] = []
 
     def _add(self, name: str, data: bytes) -> tuple[int, int]:
@@ -63,7 +107,8 @@ class ShardWriter:
         self._tar.close()
         self._file.close()
         publish(self._tmp, self.path)
-        meta = dict(shard=os.path.basename(self.path), samples=self.samples, skipped=skipped)
+        meta = dict(shard=os.path.basename(self.path), size=self._sink.size,
+                    checksum=crc32_text(self._sink.crc), samples=self.samples, skipped=skipped)
         write_json_atomic(self.meta_path, meta)
         return meta
 
@@ -79,8 +124,24 @@ def finished_shard(directory: str, index: int) -> Optional[dict]:
     path = os.path.join(directory, shard_name(index))
     if not (os.path.exists(path + ".tar") and os.path.exists(path + ".json")):
         return None
-    with open(path + ".json") as f:
-        return json.load(f)
+    return read_json(path + ".json", "shard metadata", REDO_SHARD)
+
+
+REDO_SHARD = ("delete it and the shard's .tar, then rerun the prepare command that made this "
+              "data set (it redoes missing shards)")
+REDO_INDEX = ("rerun the prepare command that made this data set: it rewrites index.json from "
+              "the shards")
+
+
+def read_json(path: str, what: str, fix: str = REDO_INDEX) -> dict:
+    """The JSON file at ``path``; a damaged one is a :class:`DataError` naming it, what it is
+    and ``fix``."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise DataError(f"{path}: the {what} is damaged (not valid JSON: {error}); {fix}") from None
 
 
 def read_index(directory: str) -> dict:
@@ -89,11 +150,61 @@ def read_index(directory: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {INDEX} in {directory!r}: prepare the dataset first with "
                                 f"python -m repa_fast.data.prepare --source ... --dest {directory}")
-    with open(path) as f:
-        index = json.load(f)
-    if index.get("format") != FORMAT:
-        raise ValueError(f"{path} has format {index.get('format')!r}; expected {FORMAT!r}")
+    index = read_json(path, "data set index")
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        found = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise DataError(f"{path} has format {found!r}; expected {FORMAT!r}")
     return index
+
+
+def verify_shard(directory: str, entry: dict, full: bool = True) -> Optional[str]:
+    """Why shard ``entry`` (an ``index.json`` shard entry) cannot be used: it is missing or
+    fails its checksum (``full=False``: only its size is compared, no read); None when it
+    passes, or exists and has no checksum (an index from before checksums)."""
+    path = os.path.join(directory, entry["name"])
+    want, want_size = entry.get("checksum"), entry.get("size")
+    try:
+        size = os.path.getsize(path)
+        if not want:
+            return None
+        if want_size is not None and size != want_size:
+            got = None
+        elif not full:
+            return None
+        else:
+            got = file_checksum(path)[0]
+    except OSError as error:
+        return f"{path} cannot be read ({error.strerror or error})"
+    if got == want:
+        return None
+    found = f"{size} bytes" if got is None else f"{got} ({size} bytes)"
+    return (f"{path} is damaged: index.json records checksum {want} ({want_size} bytes), the "
+            f"file has {found}. Recreate it: delete {entry['name']} and its .json, then rerun "
+            f"the prepare command that made this data set (it redoes missing shards)")
+
+
+def label_range(data_dir: str) -> Optional[tuple[int, int]]:
+    """``(min, max)`` class label of the prepared data set in ``data_dir``: from
+    ``index.json`` (``label_range``; ``class_counts`` in indexes of older versions), else
+    from the labels in the shards' ``.json`` metadata. None when neither exists (shards made
+    by another tool, read only by scanning whole tars) or the set is empty."""
+    index = read_index(data_dir)
+    if index.get("label_range"):
+        low, high = index["label_range"]
+        return int(low), int(high)
+    if index.get("class_counts"):
+        labels = [int(k) for k in index["class_counts"]]
+        return min(labels), max(labels)
+    low = high = None
+    for shard in index.get("shards", []):
+        meta = os.path.join(data_dir, shard["name"][:-len(".tar")] + ".json")
+        if not os.path.exists(meta):
+            return None
+        for sample in read_json(meta, "shard metadata", REDO_SHARD)["samples"]:
+            label = int(sample["label"])
+            low = label if low is None else min(low, label)
+            high = label if high is None else max(high, label)
+    return None if low is None else (low, high)
 
 
 def read_member(directory: str, shard: str, where: tuple[int, int]) -> bytes:

@@ -4,12 +4,21 @@ Every source lists its entries in a fixed order (sorted paths, as the official
 ``dataset_tools.py``) with labels from ``dataset.json`` when present, else from the sorted
 top-level folder names. ``Entry.key`` is the ordinal of the entry, so keys stay the same when
 some images turn out unreadable and are skipped.
+
+Folders are walked following symbolic links (linked class folders are common), each real
+file and folder once: a file reachable through several paths (a linked folder, a link to a
+file) is listed once, under the first of its paths in sorted order, and takes that path's
+label. Links that lead back into a folder being walked (``fish/loop -> ../fish``,
+``selfloop -> .``) or to a folder already listed are not followed, with one warning naming
+them.
 """
 from __future__ import annotations
 
 import abc
+import heapq
 import json
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from typing import Optional
@@ -50,6 +59,55 @@ def _listed_labels(raw: Optional[bytes]) -> Optional[dict]:
     return {name: label for name, label in data} if data else None
 
 
+def walk_files(top: str, wanted) -> list[str]:
+    """Relative ``/``-separated paths of the files under ``top`` whose name ``wanted`` accepts,
+    sorted, following symbolic links, each real file once (see module doc).
+
+    Folders are expanded in the sorted order of their paths: a heap keyed by ``path + "/"``,
+    and a folder's key extends its parent's, so the pops come in the sorted order of all
+    reachable paths. The first path to pop a real folder is therefore its smallest, and the
+    later ones are not expanded: every real folder is walked once and loops end.
+    """
+    walked: dict[str, str] = {}   # real folder -> the relative path it was walked under
+    found: dict[str, str] = {}    # real file -> its smallest relative path
+    cut, heap = [], [("", top)]
+    while heap:
+        rel, path = heapq.heappop(heap)
+        real = os.path.realpath(path)
+        if real in walked:
+            parent = os.path.realpath(os.path.dirname(path))
+            loop = parent == real or parent.startswith(real.rstrip(os.sep) + os.sep)
+            target = os.readlink(path) if os.path.islink(path) else real
+            cut.append(f"{rel[:-1]} -> {target} ("
+                       + ("a loop back to " if loop else "the same folder as ")
+                       + f"{walked[real][:-1] or '.'})")
+            continue
+        walked[real] = rel
+        try:
+            with os.scandir(path) as listing:
+                items = list(listing)
+        except OSError as error:  # os.walk skipped these silently; say so
+            cut.append(f"{rel[:-1] or '.'} (unreadable: {error.strerror or error})")
+            continue
+        for item in items:
+            child = rel + item.name
+            try:
+                is_dir = item.is_dir()  # follows links: linked class folders
+            except OSError:
+                is_dir = False
+            if is_dir:
+                heapq.heappush(heap, (child + "/", item.path))
+            elif wanted(item.name):
+                # only a linked file needs resolving (ImageNet: a million realpath calls)
+                key = os.path.realpath(item.path) if item.is_symlink() else os.path.join(
+                    real, item.name)
+                found[key] = min(found.get(key, child), child)
+    if cut:
+        warnings.warn(f"{top}: {len(cut)} linked folder(s) not followed (each real file is "
+                      f"listed once): " + "; ".join(cut), stacklevel=2)
+    return sorted(found.values())
+
+
 class Source(abc.ABC):
     """Entries plus a way to read each entry's encoded image bytes."""
 
@@ -75,11 +133,7 @@ class FolderSource(Source):
 
     def __init__(self, path: str):
         super().__init__(path)
-        names = []
-        for root, _, files in os.walk(path, followlinks=True):  # linked class folders too
-            names += [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
-                      for f in files if _is_image(f)]
-        names.sort()
+        names = walk_files(path, _is_image)  # linked class folders too, loops cut
         meta = os.path.join(path, "dataset.json")
         listed = _listed_labels(open(meta, "rb").read()) if os.path.exists(meta) else None
         self.entries = [Entry(f"{i:08d}", n, lab)
@@ -120,11 +174,8 @@ class OfficialSource(FolderSource):
     def __init__(self, path: str):
         Source.__init__(self, path)
         images_dir, latents_dir = os.path.join(path, "images"), os.path.join(path, "vae-sd")
-        images = sorted(os.path.relpath(os.path.join(r, f), images_dir).replace(os.sep, "/")
-                        for r, _, fs in os.walk(images_dir, followlinks=True) for f in fs if _is_image(f))
-        latents = sorted(os.path.relpath(os.path.join(r, f), latents_dir).replace(os.sep, "/")
-                         for r, _, fs in os.walk(latents_dir, followlinks=True) for f in fs
-                         if f.endswith(".npy"))
+        images = walk_files(images_dir, _is_image)
+        latents = walk_files(latents_dir, lambda f: f.endswith(".npy"))
         if len(images) != len(latents):
             raise ValueError(f"{path}: images/ has {len(images)} images but vae-sd/ has "
                              f"{len(latents)} latents; they must pair up in sorted order")

@@ -63,6 +63,8 @@ class TrainConfig:
     # data
     num_workers: int = 4
     data_backend: str = "auto"            # auto | dali | torch
+    on_bad_sample: str = "error"          # error | skip (replace by the next good sample, count)
+    verify_shards: bool = True            # hash each shard once when first read (else size only)
     # DeepSpeed (launched with `deepspeed repa_fast/train.py --ds_config ...`)
     ds_config: Optional[str] = None
     # checkpoints, logging, sampling
@@ -105,6 +107,9 @@ class TrainConfig:
         if self.optimizer == "deepspeed" and not self.ds_config:
             raise ValueError("--optimizer deepspeed builds DeepSpeed's optimizer from the "
                              "--ds_config file; pass --ds_config (or use --optimizer adamw)")
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"--on-bad-sample must be one of error, skip; got "
+                             f"{self.on_bad_sample!r}")
         if self.overwrite and self.resume is not None:
             raise ValueError(f"--overwrite deletes the run that --resume {self.resume} would "
                              f"continue; give one of them")
