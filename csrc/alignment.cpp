@@ -54,27 +54,34 @@ bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// Argument errors reach Python as the ValueError/TypeError that repa_fast.ops.alignment_checks
+// raises for the same argument (TORCH_CHECK_VALUE, TORCH_CHECK_TYPE): the ops and the C++ API
+// are called directly too.
 void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& hidden) {
-  TORCH_CHECK(t.defined(), "repa_fast native alignment op: ", name, " must be a tensor; got an "
-              "undefined tensor");
-  TORCH_CHECK(t.layout() == at::kStrided, name, " must be a dense (strided) tensor; got layout ",
-              t.layout());
-  TORCH_CHECK(supported_dtype(t.scalar_type()), name, " must be float32, float64, float16 or "
-              "bfloat16; got ", t.scalar_type());
-  TORCH_CHECK(t.device() == hidden.device(), name, " must be on the device of hidden (",
-              hidden.device(), "); got ", t.device());
+  TORCH_CHECK_TYPE(t.defined(), "repa_fast native alignment op: ", name, " must be a tensor; "
+                   "got an undefined tensor");
+  TORCH_CHECK_TYPE(t.layout() == at::kStrided, name, " must be a dense (strided) tensor; got "
+                   "layout ", t.layout());
+  TORCH_CHECK_TYPE(supported_dtype(t.scalar_type()), name, " must be float32, float64, float16 "
+                   "or bfloat16; got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == hidden.device(), name, " must be on the device of hidden (",
+                    hidden.device(), "); got ", t.device());
 }
 
 void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected, int64_t d,
                  int64_t p, int64_t z) {
-  TORCH_CHECK(t.sizes() == expected, name, " must have shape ", expected,
-              " (nn.Linear layout, hidden size ", d, ", projector dim ", p, ", target dim ", z,
-              "); got ", shape_of(t));
+  TORCH_CHECK_VALUE(t.sizes() == expected, name, " must have shape ", expected,
+                    " (nn.Linear layout, hidden size ", d, ", projector dim ", p, ", target dim ",
+                    z, "); got ", shape_of(t));
 }
 
 int64_t check_grid(int64_t grid, int64_t tokens, const char* argument) {
-  TORCH_CHECK(grid >= 1 && grid * grid == tokens, argument, "_grid=", grid, " needs ",
-              grid * grid, " tokens (a row-major square grid); got ", tokens);
+  TORCH_CHECK_VALUE(grid >= 1, argument, "_grid must be a positive int; got ", grid);
+  // grid <= tokens / grid first: the square of a huge grid would overflow int64
+  const bool fits = grid <= tokens / grid;
+  TORCH_CHECK_VALUE(fits && grid * grid == tokens, argument, "_grid=", grid, " needs ",
+                    grid <= 3037000499 ? c10::str(grid * grid) : std::string("over 2^63"),
+                    " tokens (a row-major square grid); got ", tokens);
   return grid;
 }
 
@@ -312,28 +319,28 @@ Geometry check_inputs(const at::Tensor& hidden, const at::Tensor& target, const 
                       const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                       const at::Tensor& w3, const at::Tensor& b3, int64_t hidden_grid,
                       int64_t target_grid, int64_t target_prefix_tokens) {
-  TORCH_CHECK(hidden.defined(), "repa_fast native alignment op: hidden must be a tensor; got an "
-              "undefined tensor");
+  TORCH_CHECK_TYPE(hidden.defined(), "repa_fast native alignment op: hidden must be a tensor; "
+                   "got an undefined tensor");
   const char* names[] = {"hidden", "target", "w1", "b1", "w2", "b2", "w3", "b3"};
   const at::Tensor* tensors[] = {&hidden, &target, &w1, &b1, &w2, &b2, &w3, &b3};
   for (int i = 0; i < 8; ++i) check_tensor(*tensors[i], names[i], hidden);
-  TORCH_CHECK(hidden.is_cpu() || hidden.is_cuda(), "the native alignment op runs on CPU and CUDA "
-              "tensors; got tensors on ", hidden.device());
+  TORCH_CHECK_VALUE(hidden.is_cpu() || hidden.is_cuda(), "the native alignment op runs on CPU "
+                    "and CUDA tensors; got tensors on ", hidden.device());
   TORCH_CHECK(hidden.is_cpu() || built_with_cuda(), "hidden is a CUDA tensor but this build of "
               "the repa_fast native extension has no CUDA kernels (built without nvcc/CUDA_HOME "
               "or with REPA_FAST_BUILD_CUDA=0); rebuild with REPA_FAST_BUILD_CUDA=1");
-  TORCH_CHECK(hidden.dim() == 3 && target.dim() == 3, "hidden and target must be [B, T, C]; got ",
-              shape_of(hidden), " and ", shape_of(target));
+  TORCH_CHECK_VALUE(hidden.dim() == 3 && target.dim() == 3, "hidden and target must be "
+                    "[B, T, C]; got ", shape_of(hidden), " and ", shape_of(target));
   const int64_t batch = hidden.size(0);
-  TORCH_CHECK(target.size(0) == batch, "target must have the batch size of hidden (", batch,
-              "); got ", target.size(0));
-  TORCH_CHECK(batch > 0, "hidden must hold at least one sample; got an empty batch");
+  TORCH_CHECK_VALUE(target.size(0) == batch, "target must have the batch size of hidden (",
+                    batch, "); got ", target.size(0));
+  TORCH_CHECK_VALUE(batch > 0, "hidden must hold at least one sample; got an empty batch");
   const int64_t d = hidden.size(2), z = target.size(2);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(0) > 0, "w1 must be [P, D] with P > 0 (nn.Linear "
-              "layout); got ", shape_of(w1));
+  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(0) > 0, "w1 must be [P, D] with P > 0 (nn.Linear "
+                    "layout); got ", shape_of(w1));
   const int64_t p = w1.size(0);
-  TORCH_CHECK(d > 0 && z > 0, "hidden and target need a non-empty last dimension; got ",
-              shape_of(hidden), " and ", shape_of(target));
+  TORCH_CHECK_VALUE(d > 0 && z > 0, "hidden and target need a non-empty last dimension; got ",
+                    shape_of(hidden), " and ", shape_of(target));
   check_shape(w1, "w1", {p, d}, d, p, z);
   check_shape(b1, "b1", {p}, d, p, z);
   check_shape(w2, "w2", {p, p}, d, p, z);
@@ -341,14 +348,15 @@ Geometry check_inputs(const at::Tensor& hidden, const at::Tensor& target, const 
   check_shape(w3, "w3", {z, p}, d, p, z);
   check_shape(b3, "b3", {z}, d, p, z);
   for (int i = 2; i < 8; ++i) {
-    TORCH_CHECK(tensors[i]->scalar_type() == hidden.scalar_type(), names[i], " must have the "
-                "dtype of hidden (", hidden.scalar_type(), "): the GEMMs run in one dtype; got ",
-                tensors[i]->scalar_type(), " (cast the weights, as autocast would)");
+    TORCH_CHECK_TYPE(tensors[i]->scalar_type() == hidden.scalar_type(), names[i], " must have "
+                     "the dtype of hidden (", hidden.scalar_type(), "): the GEMMs run in one "
+                     "dtype; got ", tensors[i]->scalar_type(), " (cast the weights, as autocast "
+                     "would)");
   }
   const int64_t target_tokens = target.size(1);
-  TORCH_CHECK(target_prefix_tokens >= 0 && target_prefix_tokens < target_tokens,
-              "target_prefix_tokens must be in [0, ", target_tokens, ") (target has ",
-              target_tokens, " tokens); got ", target_prefix_tokens);
+  TORCH_CHECK_VALUE(target_prefix_tokens >= 0 && target_prefix_tokens < target_tokens,
+                    "target_prefix_tokens must be in [0, ", target_tokens, ") (target has ",
+                    target_tokens, " tokens); got ", target_prefix_tokens);
 
   Geometry geo{};
   geo.batch = batch;
@@ -364,9 +372,9 @@ Geometry check_inputs(const at::Tensor& hidden, const at::Tensor& target, const 
     geo.pool = 1;
     geo.target_pool = geo.target_grid / geo.grid;
   } else {
-    TORCH_CHECK(false, "the SiT grid (", geo.grid, "x", geo.grid, ") and the target grid (",
-                geo.target_grid, "x", geo.target_grid, ") must differ by an integer factor per "
-                "side");
+    TORCH_CHECK_VALUE(false, "the SiT grid (", geo.grid, "x", geo.grid, ") and the target "
+                      "grid (", geo.target_grid, "x", geo.target_grid, ") must differ by an "
+                      "integer factor per side");
   }
   geo.pooled_grid = geo.grid / geo.pool;
   geo.cells = geo.pooled_grid * geo.pooled_grid;
@@ -392,7 +400,8 @@ ForwardOutputs forward(const at::Tensor& hidden, const at::Tensor& target, const
   chain.s1_buffer.reset();
   at::Tensor proj = chain.proj;
 
-  out.stats = at::empty({3, geo.rows}, proj.options().dtype(acc));
+  // float64 stats: the norms of finite float32 rows can exceed float32's range
+  out.stats = at::empty({3, geo.rows}, proj.options().dtype(at::kDouble));
   out.loss = at::empty({}, proj.options().dtype(acc));
   cosine_forward(proj, b3.contiguous(), prepare_target(target, acc), out.stats, out.loss, geo);
   if (save_intermediates) {
@@ -416,35 +425,38 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_loss, const at::Tensor& 
                                     target_grid, target_prefix_tokens);
   const at::ScalarType acc = accumulate_type(hidden.scalar_type());
   const int64_t d = hidden.size(2), p = w1.size(0), zdim = w3.size(0);
-  TORCH_CHECK(grad_loss.defined() && grad_loss.numel() == 1, "grad_loss must be a one-element "
-              "tensor (the gradient of the scalar loss); got ",
-              grad_loss.defined() ? shape_of(grad_loss) : std::string("an undefined tensor"));
+  TORCH_CHECK_VALUE(grad_loss.defined() && grad_loss.numel() == 1, "grad_loss must be a "
+                    "one-element tensor (the gradient of the scalar loss); got ",
+                    grad_loss.defined() ? shape_of(grad_loss)
+                                        : std::string("an undefined tensor"));
   if (!(stats.defined() && stats.sizes() == at::IntArrayRef({3, geo.rows}) &&
-        stats.scalar_type() == acc && stats.device() == hidden.device())) {
+        stats.scalar_type() == at::kDouble && stats.device() == hidden.device())) {
     std::ostringstream given;
     if (stats.defined()) {
       given << shape_of(stats) << " " << stats.scalar_type() << " on " << stats.device();
     } else {
       given << "an undefined tensor";
     }
-    TORCH_CHECK(false, "stats must be the [3, ", geo.rows, "] ", acc, " tensor alignment_forward "
-                "returned for these inputs, on ", hidden.device(), "; got ", given.str());
+    TORCH_CHECK_VALUE(false, "stats must be the [3, ", geo.rows, "] ", at::kDouble, " tensor "
+                      "alignment_forward returned for these inputs, on ", hidden.device(),
+                      "; got ", given.str());
   }
   const bool saved = pre1.defined();
-  TORCH_CHECK(saved == pre2.defined() && saved == proj.defined(), "pre1, pre2 and proj must be "
-              "given together (saved by a forward with save_intermediates) or not at all");
+  TORCH_CHECK_VALUE(saved == pre2.defined() && saved == proj.defined(), "pre1, pre2 and proj "
+                    "must be given together (saved by a forward with save_intermediates) or not "
+                    "at all");
   if (saved) {
     const at::Tensor* kept[] = {&pre1, &pre2, &proj};
     const char* names[] = {"pre1", "pre2", "proj"};
     const int64_t rows[] = {geo.m, geo.m, geo.rows};
     const int64_t cols[] = {p, p, zdim};
     for (int i = 0; i < 3; ++i) {
-      TORCH_CHECK(kept[i]->sizes() == at::IntArrayRef({rows[i], cols[i]}) &&
+      TORCH_CHECK_VALUE(kept[i]->sizes() == at::IntArrayRef({rows[i], cols[i]}) &&
                       kept[i]->scalar_type() == hidden.scalar_type() &&
                       kept[i]->device() == hidden.device() && kept[i]->is_contiguous(),
-                  names[i], " must be the contiguous [", rows[i], ", ", cols[i], "] ",
-                  hidden.scalar_type(), " tensor the saving forward returned; got ",
-                  shape_of(*kept[i]), " ", kept[i]->scalar_type());
+                        names[i], " must be the contiguous [", rows[i], ", ", cols[i], "] ",
+                        hidden.scalar_type(), " tensor the saving forward returned; got ",
+                        shape_of(*kept[i]), " ", kept[i]->scalar_type());
     }
   }
   const c10::OptionalDeviceGuard guard(hidden.device());

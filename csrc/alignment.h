@@ -25,8 +25,11 @@ namespace repa_fast {
 // (T' = target_prefix_tokens + target_grid²), w1 [P, D], b1 [P], w2 [P, P], b2 [P], w3 [Z, P],
 // b3 [Z] (nn.Linear layout; the weights have hidden's dtype; target may be any float dtype).
 // Returns {loss, stats}: loss is a 0-dim tensor (float32, or float64 for float64 inputs);
-// stats: [3, R] of the loss dtype: cos, max(|p|,eps), max(|z|,eps) per pooled row
-// (R = B * pooled_grid^2), which alignment_backward takes back.
+// stats: [3, R] float64: cos, max(|p|,eps), max(|z|,eps) per pooled row (R = B * pooled_grid^2),
+// which alignment_backward takes back; float64, as the norms of finite float32 rows may exceed
+// float32's range (they are summed in float64, float64 rows scaled by a power of two first, so
+// no norm overflows short of float64's own maximum). Argument errors are c10::ValueError or
+// c10::TypeError (Python: ValueError, TypeError).
 std::tuple<at::Tensor, at::Tensor> alignment_forward(
     const at::Tensor& hidden, const at::Tensor& target, const at::Tensor& w1,
     const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3,

@@ -1,6 +1,7 @@
 // CPU stage kernels of the native alignment op (see alignment_detail.h for what each computes):
 // row-parallel loops over at::parallel_for (OpenMP in torch's builds), accumulating in float32
-// (float64 for float64 inputs; the cosine sums in float64). No Python.
+// (float64 for float64 inputs; the cosine sums in float64, float64 rows scaled by row_scale, and
+// keeps its stats in float64). No Python.
 //
 // Column sums (bias gradients) are taken per fixed block of kRowBlock rows and then added
 // block by block in a fixed order, so results do not depend on the number of threads: two runs
@@ -256,10 +257,12 @@ void cosine_forward_cpu(const at::Tensor& proj, const at::Tensor& b3, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, proj.scalar_type(),
                                   "cosine_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    // float32/16 values square into float64 without overflow; float64 rows are scaled first
+    constexpr bool kScale = std::is_same<acc_t, double>::value;
     const scalar_t* pp = proj.const_data_ptr<scalar_t>();
     const scalar_t* bp = b3.const_data_ptr<scalar_t>();
     const acc_t* tp = target.const_data_ptr<acc_t>();
-    acc_t* sp = stats.data_ptr<acc_t>();
+    double* sp = stats.data_ptr<double>();
     const double inv_cell = 1.0 / static_cast<double>(kt * kt);
     at::parallel_for(0, rows, grain_rows(z * kt * kt), [&](int64_t begin, int64_t end) {
       std::vector<double> zbar(z);
@@ -274,23 +277,36 @@ void cosine_forward_cpu(const at::Tensor& proj, const at::Tensor& b3, const at::
           }
         }
         const scalar_t* prow = pp + r * z;
+        double scale_p = 1.0, scale_z = 1.0;
+        if constexpr (kScale) {
+          double max_p = 0.0, max_z = 0.0;
+          for (int64_t j = 0; j < z; ++j) {
+            max_p = std::max(max_p, std::abs(static_cast<double>(static_cast<acc_t>(prow[j]) +
+                                                             static_cast<acc_t>(bp[j]))));
+            max_z = std::max(max_z, std::abs(zbar[j] * inv_cell));
+          }
+          scale_p = row_scale(max_p);
+          scale_z = row_scale(max_z);
+        }
         double pz = 0.0, pp2 = 0.0, zz = 0.0;
         for (int64_t j = 0; j < z; ++j) {
           const double pv = static_cast<double>(static_cast<acc_t>(prow[j]) +
-                                                static_cast<acc_t>(bp[j]));
-          const double zv = zbar[j] * inv_cell;
+                                                static_cast<acc_t>(bp[j])) * scale_p;
+          const double zv = zbar[j] * inv_cell * scale_z;
           pz += pv * zv;
           pp2 += pv * pv;
           zz += zv * zv;
         }
-        const double norm_p = clamp_eps(std::sqrt(pp2)), norm_z = clamp_eps(std::sqrt(zz));
-        sp[r] = static_cast<acc_t>(pz / (norm_p * norm_z));
-        sp[rows + r] = static_cast<acc_t>(norm_p);
-        sp[2 * rows + r] = static_cast<acc_t>(norm_z);
+        // cos in the scaled rows: ε scales with them; the norms kept are the true ones
+        const double norm_p = std::sqrt(pp2), norm_z = std::sqrt(zz);
+        sp[r] = pz / (clamp_min_keep_nan(norm_p, kEps * scale_p) *
+                      clamp_min_keep_nan(norm_z, kEps * scale_z));
+        sp[rows + r] = clamp_eps(norm_p / scale_p);
+        sp[2 * rows + r] = clamp_eps(norm_z / scale_z);
       }
     });
     double total = 0.0;  // serial: a fixed order, and R is small next to the GEMMs
-    for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(sp[r]);
+    for (int64_t r = 0; r < rows; ++r) total += sp[r];
     *loss.data_ptr<acc_t>() = static_cast<acc_t>(-total / static_cast<double>(rows));
   });
 }
@@ -308,12 +324,11 @@ void cosine_backward_cpu(const at::Tensor& grad, const at::Tensor& proj, const a
     const scalar_t* pp = proj.const_data_ptr<scalar_t>();
     const scalar_t* bp = b3.const_data_ptr<scalar_t>();
     const acc_t* tp = target.const_data_ptr<acc_t>();
-    const acc_t* sp = stats.const_data_ptr<acc_t>();
+    const double* sp = stats.const_data_ptr<double>();
     scalar_t* dpp = dp.data_ptr<scalar_t>();
     acc_t* dtp = target_grad ? dtarget.data_ptr<acc_t>() : nullptr;
     const double c = -static_cast<double>(grad.item<acc_t>()) / static_cast<double>(rows);
     const double inv_cell = 1.0 / static_cast<double>(kt * kt);
-    const acc_t eps = static_cast<acc_t>(kEps);
     std::vector<double> partial(blocks * z);
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> zbar(z), dz(target_grad ? z : 0);
@@ -321,13 +336,12 @@ void cosine_backward_cpu(const at::Tensor& grad, const at::Tensor& proj, const a
         double* col = partial.data() + blk * z;
         const int64_t row_end = std::min(rows, (blk + 1) * kRowBlock);
         for (int64_t r = blk * kRowBlock; r < row_end; ++r) {
-          const acc_t cos_r = sp[r], norm_p = sp[rows + r], norm_z = sp[2 * rows + r];
-          const double inv_pz = c / (static_cast<double>(norm_p) * norm_z);
+          const double cos_r = sp[r], norm_p = sp[rows + r], norm_z = sp[2 * rows + r];
+          // dp = (c/n_p)·(z/n_z − cos·p/n_p): factors of at most |c|/ε and 1, nothing squared
+          const double inv_p = 1.0 / norm_p, inv_z = 1.0 / norm_z;
+          const double c_p = c * inv_p, c_z = c * inv_z;
           // the clamp at ε stops the gradient through the norm (as in F.normalize)
-          const double p_term = norm_p > eps ? c * cos_r / (static_cast<double>(norm_p) * norm_p)
-                                             : 0.0;
-          const double z_term = norm_z > eps ? c * cos_r / (static_cast<double>(norm_z) * norm_z)
-                                             : 0.0;
+          const double cos_p = norm_p > kEps ? cos_r : 0.0, cos_z = norm_z > kEps ? cos_r : 0.0;
           const int64_t sample = r / geo.cells, first = geo.first_target_token(r);
           const acc_t* zbase = tp + sample * stride_b;
           std::fill(zbar.begin(), zbar.end(), 0.0);
@@ -340,13 +354,13 @@ void cosine_backward_cpu(const at::Tensor& grad, const at::Tensor& proj, const a
           const scalar_t* prow = pp + r * z;
           scalar_t* dprow = dpp + r * z;
           for (int64_t j = 0; j < z; ++j) {
-            const double pv = static_cast<double>(static_cast<acc_t>(prow[j]) +
-                                                  static_cast<acc_t>(bp[j]));
-            const double zv = zbar[j] * inv_cell;
-            const double d = inv_pz * zv - p_term * pv;
+            const double p_hat = static_cast<double>(static_cast<acc_t>(prow[j]) +
+                                                     static_cast<acc_t>(bp[j])) * inv_p;
+            const double z_hat = zbar[j] * inv_cell * inv_z;
+            const double d = c_p * (z_hat - cos_p * p_hat);
             dprow[j] = static_cast<scalar_t>(d);
             col[j] += d;
-            if (target_grad) dz[j] = (inv_pz * pv - z_term * zv) * inv_cell;
+            if (target_grad) dz[j] = c_z * (p_hat - cos_z * z_hat) * inv_cell;
           }
           if (target_grad) {
             // the target is contiguous [B, T', Z] here (allocated by the op)

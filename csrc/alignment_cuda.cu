@@ -1,8 +1,9 @@
 // CUDA stage kernels of the native alignment op (see alignment_detail.h for what each computes).
 // The GEMMs around them are cuBLAS (at::mm). Accumulation in float32 (float64 for float64
 // inputs; the cosine stage in float64, as on the CPU: its sums over Z and R are cheap and |p|²
-// must not overflow). Reductions are deterministic: warp shuffles and shared memory inside a
-// block, per-block partial sums added in a fixed order by a second kernel, no atomics.
+// must not overflow; float64 rows are scaled by row_scale first, stats are float64).
+// Reductions are deterministic: warp shuffles and shared memory inside a block, per-block
+// partial sums added in a fixed order by a second kernel, no atomics.
 // No Python.
 #include "alignment_detail.h"
 
@@ -62,6 +63,29 @@ __device__ __forceinline__ void block_sum3(T& a, T& b, T& c) {
     a = warp_sum(a);
     b = warp_sum(b);
     c = warp_sum(c);
+  }
+}
+
+// Maxima of a and b over the block (blockDim.x == kThreads), returned to every thread. fmax
+// skips NaN: a NaN row stays NaN through its sums.
+__device__ __forceinline__ void block_max2(double& a, double& b) {
+  __shared__ double shared[2][kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    a = fmax(a, __shfl_down_sync(0xffffffffu, a, offset));
+    b = fmax(b, __shfl_down_sync(0xffffffffu, b, offset));
+  }
+  if (lane == 0) {
+    shared[0][warp] = a;
+    shared[1][warp] = b;
+  }
+  __syncthreads();
+  // every thread reads the eight warp maxima; nothing writes `shared` again
+  a = shared[0][0];
+  b = shared[1][0];
+  for (int w = 1; w < kThreads / 32; ++w) {
+    a = fmax(a, shared[0][w]);
+    b = fmax(b, shared[1][w]);
   }
 }
 
@@ -182,78 +206,94 @@ __device__ __forceinline__ double pooled_target(const acc_t* zbase, int64_t firs
   return zv * inv_cell;
 }
 
-// One block per pooled row r: p·z̄, |p|², |z̄|² over Z, then stats[·, r].
+// One block per pooled row r: p·z̄, |p|², |z̄|² over Z, then stats[·, r] (float64). Float
+// inputs square into float64 without overflow; float64 rows are first scaled by row_scale of
+// their largest |value| (one more pass over the row, float64 only).
 template <typename scalar_t>
 __global__ void cosine_forward_kernel(const scalar_t* proj, const scalar_t* b3,
                                       const at::opmath_type<scalar_t>* target, int64_t stride_b,
-                                      int64_t stride_t, at::opmath_type<scalar_t>* stats,
-                                      int64_t z, Geometry geo) {
+                                      int64_t stride_t, double* stats, int64_t z, Geometry geo) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t r = blockIdx.x;
   const acc_t* zbase = target + (r / geo.cells) * stride_b;
   const int64_t first = geo.first_target_token(r);
   const double inv_cell = 1.0 / static_cast<double>(geo.target_pool * geo.target_pool);
+  double scale_p = 1.0, scale_z = 1.0;
+  if constexpr (std::is_same<acc_t, double>::value) {
+    double max_p = 0.0, max_z = 0.0;
+    for (int64_t j = threadIdx.x; j < z; j += blockDim.x) {
+      const double pv = static_cast<double>(static_cast<acc_t>(proj[r * z + j]) +
+                                            static_cast<acc_t>(b3[j]));
+      max_p = fmax(max_p, fabs(pv));
+      max_z = fmax(max_z, fabs(pooled_target(zbase, first, j, stride_t, geo, inv_cell)));
+    }
+    block_max2(max_p, max_z);
+    scale_p = row_scale(max_p);
+    scale_z = row_scale(max_z);
+  }
   double pz = 0.0, pp = 0.0, zz = 0.0;
   for (int64_t j = threadIdx.x; j < z; j += blockDim.x) {
     const double pv = static_cast<double>(static_cast<acc_t>(proj[r * z + j]) +
-                                          static_cast<acc_t>(b3[j]));
-    const double zv = pooled_target(zbase, first, j, stride_t, geo, inv_cell);
+                                          static_cast<acc_t>(b3[j])) * scale_p;
+    const double zv = pooled_target(zbase, first, j, stride_t, geo, inv_cell) * scale_z;
     pz += pv * zv;
     pp += pv * pv;
     zz += zv * zv;
   }
   block_sum3(pz, pp, zz);
   if (threadIdx.x == 0) {
-    const double norm_p = clamp_eps(::sqrt(pp)), norm_z = clamp_eps(::sqrt(zz));
-    stats[r] = static_cast<acc_t>(pz / (norm_p * norm_z));
-    stats[geo.rows + r] = static_cast<acc_t>(norm_p);
-    stats[2 * geo.rows + r] = static_cast<acc_t>(norm_z);
+    // cos in the scaled rows (ε scales with them); the norms kept are the true ones
+    const double norm_p = ::sqrt(pp), norm_z = ::sqrt(zz);
+    stats[r] = pz / (clamp_min_keep_nan(norm_p, kEps * scale_p) *
+                     clamp_min_keep_nan(norm_z, kEps * scale_z));
+    stats[geo.rows + r] = clamp_eps(norm_p / scale_p);
+    stats[2 * geo.rows + r] = clamp_eps(norm_z / scale_z);
   }
 }
 
 // One block: loss = −(1/R)·Σ_r cos_r.
 template <typename acc_t>
-__global__ void loss_kernel(const acc_t* stats, int64_t rows, acc_t* loss) {
+__global__ void loss_kernel(const double* stats, int64_t rows, acc_t* loss) {
   double total = 0.0, unused_b = 0.0, unused_c = 0.0;
-  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) total += static_cast<double>(stats[r]);
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) total += stats[r];
   block_sum3(total, unused_b, unused_c);
   if (threadIdx.x == 0) *loss = static_cast<acc_t>(-total / static_cast<double>(rows));
 }
 
 // One block per pooled row r: dp[r, ·] (also unrounded into d_acc when given: db3 sums those,
 // as the CPU does, not dp rounded to half precision) and, when dtarget is given, dz̄/k_t² to
-// the cell's target tokens (dtarget contiguous [B, T', Z]).
+// the cell's target tokens (dtarget contiguous [B, T', Z]). As on the CPU,
+// dp = (c/n_p)·(z̄/n_z − [n_p > ε]·cos·p/n_p): no n_p² or n_p·n_z is formed.
 template <typename scalar_t>
 __global__ void cosine_backward_kernel(const at::opmath_type<scalar_t>* grad,
                                        const scalar_t* proj, const scalar_t* b3,
                                        const at::opmath_type<scalar_t>* target, int64_t stride_b,
-                                       int64_t stride_t, const at::opmath_type<scalar_t>* stats,
+                                       int64_t stride_t, const double* stats,
                                        scalar_t* dp, at::opmath_type<scalar_t>* d_acc,
                                        at::opmath_type<scalar_t>* dtarget, int64_t z,
                                        Geometry geo) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t r = blockIdx.x, rows = geo.rows;
   const double c = -static_cast<double>(grad[0]) / static_cast<double>(rows);
-  const acc_t norm_p_acc = stats[rows + r], norm_z_acc = stats[2 * rows + r];
-  const double cos_r = stats[r], norm_p = norm_p_acc, norm_z = norm_z_acc;
-  const acc_t eps = static_cast<acc_t>(kEps);
-  const double inv_pz = c / (norm_p * norm_z);
+  const double cos_r = stats[r], norm_p = stats[rows + r], norm_z = stats[2 * rows + r];
+  const double inv_p = 1.0 / norm_p, inv_z = 1.0 / norm_z;
+  const double c_p = c * inv_p, c_z = c * inv_z;
   // the clamp at ε stops the gradient through the norm (as in F.normalize)
-  const double p_term = norm_p_acc > eps ? c * cos_r / (norm_p * norm_p) : 0.0;
-  const double z_term = norm_z_acc > eps ? c * cos_r / (norm_z * norm_z) : 0.0;
+  const double cos_p = norm_p > kEps ? cos_r : 0.0;
+  const double cos_z = norm_z > kEps ? cos_r : 0.0;
   const int64_t sample = r / geo.cells, first = geo.first_target_token(r);
   const acc_t* zbase = target + sample * stride_b;
   const int64_t kt = geo.target_pool;
   const double inv_cell = 1.0 / static_cast<double>(kt * kt);
   for (int64_t j = threadIdx.x; j < z; j += blockDim.x) {
-    const double pv = static_cast<double>(static_cast<acc_t>(proj[r * z + j]) +
-                                          static_cast<acc_t>(b3[j]));
-    const double zv = pooled_target(zbase, first, j, stride_t, geo, inv_cell);
-    const double d = inv_pz * zv - p_term * pv;
+    const double p_hat = static_cast<double>(static_cast<acc_t>(proj[r * z + j]) +
+                                             static_cast<acc_t>(b3[j])) * inv_p;
+    const double z_hat = pooled_target(zbase, first, j, stride_t, geo, inv_cell) * inv_z;
+    const double d = c_p * (z_hat - cos_p * p_hat);
     dp[r * z + j] = static_cast<scalar_t>(d);
     if (d_acc != nullptr) d_acc[r * z + j] = static_cast<acc_t>(d);
     if (dtarget != nullptr) {
-      const acc_t dz = static_cast<acc_t>((inv_pz * pv - z_term * zv) * inv_cell);
+      const acc_t dz = static_cast<acc_t>(c_z * (p_hat - cos_z * z_hat) * inv_cell);
       acc_t* dbase = dtarget + sample * geo.target_tokens * z;
       for (int64_t di = 0; di < kt; ++di) {
         for (int64_t dj = 0; dj < kt; ++dj) {
@@ -306,9 +346,9 @@ void cosine_forward_cuda(const at::Tensor& proj, const at::Tensor& b3, const at:
     cosine_forward_kernel<scalar_t><<<static_cast<unsigned int>(geo.rows), kThreads, 0, stream>>>(
         proj.const_data_ptr<scalar_t>(), b3.const_data_ptr<scalar_t>(),
         target.const_data_ptr<acc_t>(), target.stride(0), target.stride(1),
-        stats.data_ptr<acc_t>(), proj.size(1), geo);
+        stats.data_ptr<double>(), proj.size(1), geo);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    loss_kernel<acc_t><<<1, kThreads, 0, stream>>>(stats.const_data_ptr<acc_t>(), geo.rows,
+    loss_kernel<acc_t><<<1, kThreads, 0, stream>>>(stats.const_data_ptr<double>(), geo.rows,
                                                     loss.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -332,7 +372,7 @@ void cosine_backward_cuda(const at::Tensor& grad, const at::Tensor& proj, const 
                                        stream>>>(
         grad.const_data_ptr<acc_t>(), proj.const_data_ptr<scalar_t>(),
         b3.const_data_ptr<scalar_t>(), target.const_data_ptr<acc_t>(), target.stride(0),
-        target.stride(1), stats.const_data_ptr<acc_t>(), dp.data_ptr<scalar_t>(),
+        target.stride(1), stats.const_data_ptr<double>(), dp.data_ptr<scalar_t>(),
         kRounded ? d_acc.data_ptr<acc_t>() : nullptr,
         dtarget.defined() ? dtarget.data_ptr<acc_t>() : nullptr, z, geo);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

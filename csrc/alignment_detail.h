@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 
+#include <float.h>
 #include <math.h>
 #include <cstdint>
 #include <vector>
@@ -36,6 +37,22 @@ C10_HOST_DEVICE inline T silu_grad(T x) {
 template <typename T>
 C10_HOST_DEVICE inline T clamp_eps(T x) {
   return x < T(kEps) ? T(kEps) : x;
+}
+
+// max(x, floor), keeping NaN as clamp_eps does.
+C10_HOST_DEVICE inline double clamp_min_keep_nan(double x, double floor) {
+  return x < floor ? floor : x;
+}
+
+// The scale s = 2^(1−e) of a row whose largest |value| is m = f·2^e ≥ 1 (f ∈ [0.5, 1)), so that
+// m·s ∈ [1, 2); 1 for m < 1, NaN or Inf (which must stay NaN). Multiplying by a power of two is
+// exact, and Σ (x·s)² ≤ 4·n cannot overflow: the float64 cosine stage scales float64 rows by it
+// (the squares of float32 values always fit in float64).
+C10_HOST_DEVICE inline double row_scale(double m) {
+  if (!(m >= 1.0 && m <= DBL_MAX)) return 1.0;
+  int e = 0;
+  ::frexp(m, &e);
+  return ::ldexp(1.0, 1 - e);
 }
 
 // Token layout of one call. SiT token t of sample b is row b·T + t of the [M, ·] buffers;
@@ -79,12 +96,13 @@ Geometry check_inputs(const at::Tensor& hidden, const at::Tensor& target, const 
                       const at::Tensor& w3, const at::Tensor& b3, int64_t hidden_grid,
                       int64_t target_grid, int64_t target_prefix_tokens);
 
-// float64 for float64 inputs, else float32: the dtype of the loss, stats and accumulations.
+// float64 for float64 inputs, else float32: the dtype of the loss and accumulations (stats are
+// float64 always).
 at::ScalarType accumulate_type(at::ScalarType t);
 
 struct ForwardOutputs {
   at::Tensor loss;   // 0-dim
-  at::Tensor stats;  // [3, R]
+  at::Tensor stats;  // [3, R] float64
   // Kept only when saving intermediates for the backward (else undefined):
   at::Tensor pre1;   // [M, P]  h·W1ᵀ + b1
   at::Tensor pre2;   // [M, P]  silu(pre1)·W2ᵀ + b2
@@ -139,8 +157,9 @@ void silu_grad_spread_cuda(const at::Tensor& g, const at::Tensor& pre, const at:
                            double scale);
 
 // Cosine stage forward: p = proj + b3 per pooled row, z̄ = pooled target (accumulate dtype,
-// last dim contiguous); writes stats [3, R] = (cos, max(|p|, ε), max(|z̄|, ε)) and the 0-dim
-// loss = −mean cos.
+// last dim contiguous); writes stats [3, R] float64 = (cos, max(|p|, ε), max(|z̄|, ε)) and the
+// 0-dim loss = −mean cos. Sums in float64 (float64 rows scaled by row_scale first), so no norm
+// of finite float32 values overflows, and the float64 stats hold it.
 void cosine_forward_cpu(const at::Tensor& proj, const at::Tensor& b3, const at::Tensor& target,
                         const at::Tensor& stats, const at::Tensor& loss, const Geometry& geo);
 void cosine_forward_cuda(const at::Tensor& proj, const at::Tensor& b3, const at::Tensor& target,
@@ -151,6 +170,8 @@ void cosine_forward_cuda(const at::Tensor& proj, const at::Tensor& b3, const at:
 //   dz̄_r = c·(p_r/(n_p·n_z) − [n_z > ε]·cos_r·z̄_r/n_z²)/k_t² to every target token of the
 //   cell (dtarget [B, T', Z], accumulate dtype, zero-filled; skipped when undefined)
 //   db3 = Σ_r dp_r                                                          → db3 [Z]
+// computed as dp_r = (c/n_p)·(z̄_r/n_z − [n_p > ε]·cos_r·p_r/n_p) (and dz̄ alike), in float64:
+// no n_p², n_p·n_z formed, which float64 rows near its maximum would overflow.
 void cosine_backward_cpu(const at::Tensor& grad, const at::Tensor& proj, const at::Tensor& b3,
                          const at::Tensor& target, const at::Tensor& stats, const at::Tensor& dp,
                          const at::Tensor& db3, const at::Tensor& dtarget, const Geometry& geo);

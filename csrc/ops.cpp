@@ -48,10 +48,10 @@ std::vector<Tensor> native_alignment_bwd(
     bool target_requires_grad) {
   // empty intermediates: the forward did not save them, recompute
   const bool saved = pre1.numel() > 0;
-  TORCH_CHECK(saved == (pre2.numel() > 0) && saved == (proj.numel() > 0),
-              "pre1, pre2 and proj must be given together: all empty (the forward did not save "
-              "them; the backward recomputes) or all as the saving forward returned them; got "
-              "sizes ", pre1.sizes(), ", ", pre2.sizes(), " and ", proj.sizes());
+  TORCH_CHECK_VALUE(saved == (pre2.numel() > 0) && saved == (proj.numel() > 0),
+                    "pre1, pre2 and proj must be given together: all empty (the forward did not "
+                    "save them; the backward recomputes) or all as the saving forward returned "
+                    "them; got sizes ", pre1.sizes(), ", ", pre2.sizes(), " and ", proj.sizes());
   std::vector<Tensor> grads = repa_fast::detail::backward(
       grad_loss, hidden, target, w1, b1, w2, b2, w3, b3, stats, saved ? pre1 : Tensor(),
       saved ? pre2 : Tensor(), saved ? proj : Tensor(), hidden_grid, target_grid,

@@ -9,16 +9,35 @@ For pooled row r (sample b, cell (i, j) of the G×G grid both sides are pooled t
 
 ``project_cosine_fwd_kernel`` computes a [BLOCK_M, BLOCK_Z] tile of p in registers and writes
 only its per-row partial sums p·z, p·p, z·z (never p itself); ``cosine_finish_kernel`` runs one
-program per block of rows: it adds the partials of all Z tiles, forms cos_r, keeps
-(cos, |p|, |z|) per row for the backward and writes the block's sum of cos_r; the loss is
-−(1/R)·(sum of the block sums), a fixed-order (bitwise repeatable) two-level sum with no
-serial loop over R. ``project_cosine_bwd_kernel`` recomputes the tile of p and writes, with
-g the loss gradient, c = −g/R, n_p = max(|p|, ε), n_z = max(|z|, ε)::
+program per block of rows: it adds the partials of all Z tiles, forms cos_r, keeps per-row
+stats for the backward and writes the block's sum of cos_r; the loss is −(1/R)·(sum of the
+block sums), a fixed-order (bitwise repeatable) two-level sum with no serial loop over R.
+
+No overflow: |p|² overflows float32 once |p| ≳ 1.8e19 (the loss would silently be 0). Each
+tile row is therefore scaled by a power of two 2^-k before its sums, k ≥ 0 the smallest with
+max|x|·2^-k < 4 (k = 0 for rows below 4: those are summed exactly as before), and the partial
+sums carry k; the finish rescales every tile to the row's largest k (exact: powers of two) and
+keeps the norms scaled, so every finite p and z gives the right cos and stats. Cost, per tile:
+two row maxima over the registers the sums already read, two multiplies per element and two
+more per-row stores; the finish reads five planes instead of three. Next to the K-loop of the
+tile's GEMM this is noise. Stats per row (float32)::
+
+    stats[0] = cos_r,  stats[1] = max(|p_r|, ε)·2^-k_p,  stats[2] = max(|z_r|, ε)·2^-k_z,
+    stats[3] = k_p,    stats[4] = k_z
+
+``project_cosine_bwd_kernel`` recomputes the tile of p and writes, with g the loss gradient,
+c = −g/R, n_p = max(|p|, ε), n_z = max(|z|, ε)::
 
     dp_r = c·(z_r/(n_p·n_z) − [|p_r| > ε]·cos_r·p_r/n_p²)
     dz_r = c·(p_r/(n_p·n_z) − [|z_r| > ε]·cos_r·z_r/n_z²) / k_t²   to each target row of cell r
 
-plus per-row-block column sums of dp (the gradient of b3).
+in the scaled variables p' = p·2^-k_p, z' = z·2^-k_z, n'_p = n_p·2^-k_p, n'_z = n_z·2^-k_z
+(stats), where no product overflows:
+
+    dp_r = (c·2^-k_p/(n'_p·n'_z))·z' − [|p_r| > ε]·(c·cos_r·2^-k_p/n'_p²)·p'
+
+and dz_r likewise with k_z (two more multiplies per element), plus per-row-block column sums of
+dp (the gradient of b3).
 """
 import triton
 import triton.language as tl
@@ -39,6 +58,21 @@ COSINE_CONFIGS = [
     (64, 64, 32, 4, 4),
 ]
 EPS = tl.constexpr(1e-12)  # F.normalize's eps
+STATS_ROWS = 5  # cos, scaled |p|, scaled |z|, k_p, k_z (module docstring)
+
+
+@triton.jit
+def _scale_exponent(m):
+    """k ∈ [0, 126] (int32) with m·2^-k < 4 for a max-abs m ≥ 0: 0 for m < 4, else e − 128,
+    e the biased exponent of m (m ∈ [2^(e−127), 2^(e−126)): m·2^-k ∈ [2, 4)); Inf/NaN: 126."""
+    e = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    return tl.minimum(tl.maximum(e - 128, 0), 126)
+
+
+@triton.jit
+def _exp2_int(n):
+    """2^n, exactly, for int32 n in [−126, 127]: the float32 whose exponent field is n + 127."""
+    return ((n + 127) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -111,10 +145,11 @@ def project_cosine_fwd_kernel(
     POOL: tl.constexpr, POOL_T: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """part[0|1|2, z_block, r] = Σ over this Z tile of p·z | p·p | z·z.
+    """part[0|1|2, z_block, r] = Σ over this Z tile of p'·z' | p'·p' | z'·z', with p' = p·2^-k_p
+    and z' = z·2^-k_z scaled per row of the tile, and part[3|4, z_block, r] = k_p | k_z.
 
     ``part`` is zero-filled with Z_SLOTS ≥ (number of Z tiles) slots, so its size does not
-    depend on the autotuned BLOCK_N; unused slots stay zero.
+    depend on the autotuned BLOCK_N; unused slots stay zero (k = 0: no effect on the maximum).
     """
     pid_r = tl.program_id(0)
     pid_z = tl.program_id(1)
@@ -126,33 +161,57 @@ def project_cosine_fwd_kernel(
     p = tl.where(mask_z[None, :], p, 0.0)
     z = _target_tile(t_ptr, offs_r, offs_z, mask_r, mask_z, CELLS, POOLED_GRID, GRID_T, PREFIX,
                      stride_tb, stride_tt, stride_tz, POOL_T, BLOCK_M, BLOCK_N)
+    # exact power-of-two scaling: squares and sums below 16·BLOCK_N, whatever the values
+    k_p = _scale_exponent(tl.max(tl.abs(p), axis=1))
+    k_z = _scale_exponent(tl.max(tl.abs(z), axis=1))
+    p = p * _exp2_int(-k_p)[:, None]
+    z = z * _exp2_int(-k_z)[:, None]
     plane = Z_SLOTS * R
     base = part_ptr + pid_z * R + offs_r
     tl.store(base, tl.sum(p * z, axis=1), mask=mask_r)
     tl.store(base + plane, tl.sum(p * p, axis=1), mask=mask_r)
     tl.store(base + 2 * plane, tl.sum(z * z, axis=1), mask=mask_r)
+    tl.store(base + 3 * plane, k_p.to(tl.float32), mask=mask_r)
+    tl.store(base + 4 * plane, k_z.to(tl.float32), mask=mask_r)
 
 
 @triton.jit
 def cosine_finish_kernel(part_ptr, stats_ptr, block_sum_ptr, R, Z_SLOTS, BLOCK: tl.constexpr):
-    """Program ``pid`` finishes rows ``[pid·BLOCK, (pid + 1)·BLOCK)``: stats[0|1|2, r] = cos_r,
-    max(|p_r|, ε), max(|z_r|, ε), and block_sum[pid] = Σ of its cos_r (loss = −Σ block_sum / R,
-    summed by the host in a fixed order)."""
+    """Program ``pid`` finishes rows ``[pid·BLOCK, (pid + 1)·BLOCK)``: stats[·, r] (module
+    docstring) and block_sum[pid] = Σ of its cos_r (loss = −Σ block_sum / R, summed by the host
+    in a fixed order).
+
+    The tiles' sums are brought to the row's largest scale k = max over tiles (× 2^(k_t − k),
+    exact, ≥ 2^-126 as every k_t ∈ [0, 126]); then |p| = √pp·2^k_p and
+    cos = pz / (max(√pp, ε·2^-k_p)·max(√zz, ε·2^-k_z)), all in range.
+    """
     offs, mask = block_range(tl.program_id(0), BLOCK, R)
     plane = Z_SLOTS * R
+    k_p = tl.zeros((BLOCK,), dtype=tl.int32)
+    k_z = tl.zeros((BLOCK,), dtype=tl.int32)
+    for zb in range(0, Z_SLOTS):
+        k_p = tl.maximum(k_p, tl.load(part_ptr + 3 * plane + zb * R + offs, mask=mask,
+                                      other=0.0).to(tl.int32))
+        k_z = tl.maximum(k_z, tl.load(part_ptr + 4 * plane + zb * R + offs, mask=mask,
+                                      other=0.0).to(tl.int32))
     pz = tl.zeros((BLOCK,), dtype=tl.float32)
     pp = tl.zeros((BLOCK,), dtype=tl.float32)
     zz = tl.zeros((BLOCK,), dtype=tl.float32)
     for zb in range(0, Z_SLOTS):
-        pz += tl.load(part_ptr + zb * R + offs, mask=mask, other=0.0)
-        pp += tl.load(part_ptr + plane + zb * R + offs, mask=mask, other=0.0)
-        zz += tl.load(part_ptr + 2 * plane + zb * R + offs, mask=mask, other=0.0)
-    norm_p = tl.maximum(tl.sqrt(pp), EPS)
-    norm_z = tl.maximum(tl.sqrt(zz), EPS)
+        tile = part_ptr + zb * R + offs
+        r_p = _exp2_int(tl.load(tile + 3 * plane, mask=mask, other=0.0).to(tl.int32) - k_p)
+        r_z = _exp2_int(tl.load(tile + 4 * plane, mask=mask, other=0.0).to(tl.int32) - k_z)
+        pz += tl.load(tile, mask=mask, other=0.0) * r_p * r_z
+        pp += tl.load(tile + plane, mask=mask, other=0.0) * (r_p * r_p)
+        zz += tl.load(tile + 2 * plane, mask=mask, other=0.0) * (r_z * r_z)
+    norm_p = tl.maximum(tl.sqrt(pp), _exp2_int(-k_p) * EPS)  # max(|p|, ε)·2^-k_p
+    norm_z = tl.maximum(tl.sqrt(zz), _exp2_int(-k_z) * EPS)
     cos = pz / (norm_p * norm_z)
     tl.store(stats_ptr + offs, cos, mask=mask)
     tl.store(stats_ptr + R + offs, norm_p, mask=mask)
     tl.store(stats_ptr + 2 * R + offs, norm_z, mask=mask)
+    tl.store(stats_ptr + 3 * R + offs, k_p.to(tl.float32), mask=mask)
+    tl.store(stats_ptr + 4 * R + offs, k_z.to(tl.float32), mask=mask)
     tl.store(block_sum_ptr + tl.program_id(0), tl.sum(tl.where(mask, cos, 0.0), axis=0))
 
 
@@ -181,27 +240,40 @@ def project_cosine_bwd_kernel(
     z = _target_tile(t_ptr, offs_r, offs_z, mask_r, mask_z, CELLS, POOLED_GRID, GRID_T, PREFIX,
                      stride_tb, stride_tt, stride_tz, POOL_T, BLOCK_M, BLOCK_N)
     cos = tl.load(stats_ptr + offs_r, mask=mask_r, other=0.0)
-    norm_p = tl.load(stats_ptr + R + offs_r, mask=mask_r, other=1.0)
-    norm_z = tl.load(stats_ptr + 2 * R + offs_r, mask=mask_r, other=1.0)
+    norm_p = tl.load(stats_ptr + R + offs_r, mask=mask_r, other=1.0)      # n'_p = n_p·2^-k_p
+    norm_z = tl.load(stats_ptr + 2 * R + offs_r, mask=mask_r, other=1.0)  # n'_z = n_z·2^-k_z
+    k_p = tl.load(stats_ptr + 3 * R + offs_r, mask=mask_r, other=0.0).to(tl.int32)
+    k_z = tl.load(stats_ptr + 4 * R + offs_r, mask=mask_r, other=0.0).to(tl.int32)
+    scale_p = _exp2_int(-k_p)
+    scale_z = _exp2_int(-k_z)
     c = -tl.load(grad_ptr).to(tl.float32) / R
-    inv_pz = c / (norm_p * norm_z)
-    # the clamp at ε stops the gradient through the norm (as in F.normalize)
-    p_term = tl.where(norm_p > EPS, c * cos / (norm_p * norm_p), 0.0)
-    dp = inv_pz[:, None] * z - p_term[:, None] * p
+    c_pz = c / (norm_p * norm_z)  # n' ∈ [ε, 4·√Z]: no factor here overflows
+    # the clamp at ε stops the gradient through the norm (as in F.normalize); |p| > ε exactly
+    # where the finish did not clamp n'_p at ε·2^-k_p
+    p_term = tl.where(norm_p > scale_p * EPS, c * cos / (norm_p * norm_p), 0.0) * scale_p
+    z_term = tl.where(norm_z > scale_z * EPS, c * cos / (norm_z * norm_z), 0.0) * scale_z
+    dp_z = c_pz * scale_p
+    dz_p = c_pz * scale_z
+    # every per-row factor is formed before the tiles are scaled: fewer values live beside them
+    # (ptxas: no spills in fp32 with a pooled target gradient)
+    p = p * scale_p[:, None]  # p', z': the forward's scaled rows, below 4
+    z = z * scale_z[:, None]
+    dp = dp_z[:, None] * z - p_term[:, None] * p
     dp = tl.where(mask, dp, 0.0)
     tl.store(dp_ptr + offs_r[:, None] * stride_dpr + offs_z[None, :] * stride_dpz,
              dp.to(dp_ptr.dtype.element_ty), mask=mask)
     tl.store(dbias_ptr + pid_r * Z + offs_z, tl.sum(dp, axis=0), mask=mask_z)
     if TARGET_GRAD:
-        z_term = tl.where(norm_z > EPS, c * cos / (norm_z * norm_z), 0.0)
-        dz = inv_pz[:, None] * p - z_term[:, None] * z
+        dz = dz_p[:, None] * p - z_term[:, None] * z
         if POOL_T > 1:
             dz = dz * (1.0 / (POOL_T * POOL_T))
+        dz = dz.to(dt_ptr.dtype.element_ty)
         b, ci, cj = _cell_rows(offs_r, CELLS, POOLED_GRID)
         first = PREFIX + (ci * POOL_T) * GRID_T + cj * POOL_T
+        # one tile of pointers, to the cell's first token, offset by a scalar per token: with a
+        # pointer tile per token the pooled (POOL_T = 3) fp32 variant spills registers
+        dt_first = (dt_ptr + b[:, None] * stride_dtb + first[:, None] * stride_dtt
+                    + offs_z[None, :] * stride_dtz)
         for di in tl.static_range(POOL_T):
             for dj in tl.static_range(POOL_T):
-                tok = first + di * GRID_T + dj
-                tl.store(dt_ptr + b[:, None] * stride_dtb + tok[:, None] * stride_dtt
-                         + offs_z[None, :] * stride_dtz, dz.to(dt_ptr.dtype.element_ty),
-                         mask=mask)
+                tl.store(dt_first + (di * GRID_T + dj) * stride_dtt, dz, mask=mask)

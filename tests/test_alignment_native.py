@@ -173,7 +173,7 @@ def test_non_finite_input_gives_nan_loss(seed, where, bad):
     (lambda a: a.update(z=torch.randn(3, 36, 40)), ValueError, r"SiT grid \(4x4\) and the target grid \(6x6\)"),
     (lambda a: a.update(h=torch.randn(0, 16, 48), z=torch.randn(0, 16, 40)), ValueError, "empty batch"),
     (lambda a: a.update(z=torch.randn(3, 16, 40, device="meta")), ValueError, r"target must be on the device of hidden"),
-    (lambda a: a.update(h=torch.randint(0, 3, (3, 16, 48))), ValueError, r"native kernels take float32, float64, float16 or bfloat16; got torch.int64"),
+    (lambda a: a.update(h=torch.randint(0, 3, (3, 16, 48))), TypeError, r"hidden must be a floating-point tensor.*got dtype torch.int64"),
     (lambda a: a.update(prefix=16), ValueError, r"target_prefix_tokens must be in \[0, 16\)"),
 ])
 def test_bad_input(change, error, match):
@@ -187,27 +187,39 @@ def test_bad_input(change, error, match):
 
 @needs_native
 def test_bad_input_to_the_registered_ops():
-    """The C++ checks (TORCH_CHECK) name the argument, the expected and the given."""
+    """The C++ checks (TORCH_CHECK_VALUE/TYPE: Python's ValueError/TypeError, as the Python
+    checks raise) name the argument, the expected and the given."""
     h, z, ws = make_inputs(3, 16, 16)
     h, z, ws = h.detach(), z.detach(), [w.detach() for w in ws]
     fwd = torch.ops.repa_fast.native_alignment_fwd
-    with pytest.raises(RuntimeError, match=r"w2 must have the dtype of hidden \(Float\).*got Double"):
+    with pytest.raises(TypeError, match=r"w2 must have the dtype of hidden \(Float\).*got Double"):
         fwd(h, z, ws[0], ws[1], ws[2].double(), *ws[3:], 4, 4, 0, False)
-    with pytest.raises(RuntimeError, match=r"hidden_grid=5 needs 25 tokens.*got 16"):
+    with pytest.raises(TypeError, match=r"target must be float32, float64, float16 or bfloat16; got Long"):
+        fwd(h, z.long(), *ws, 4, 4, 0, False)
+    with pytest.raises(ValueError, match=r"hidden_grid=5 needs 25 tokens.*got 16"):
         fwd(h, z, *ws, 5, 4, 0, False)
-    with pytest.raises(RuntimeError, match=r"target_grid=3 needs 9 tokens.*got 15"):
+    with pytest.raises(ValueError, match=r"hidden_grid must be a positive int; got -4"):
+        fwd(h, z, *ws, -4, 4, 0, False)
+    with pytest.raises(ValueError, match=r"hidden_grid must be a positive int; got 0"):
+        fwd(h[:, :0], z, *ws, 0, 4, 0, False)
+    with pytest.raises(ValueError, match=r"target_grid=3 needs 9 tokens.*got 15"):
         fwd(h, z, *ws, 4, 3, 1, False)
-    with pytest.raises(RuntimeError, match=r"SiT grid \(4x4\) and the target grid \(3x3\)"):
+    with pytest.raises(ValueError, match=r"hidden_grid=4000000000 needs over 2\^63 tokens.*got 16"):
+        fwd(h, z, *ws, 4_000_000_000, 4, 0, False)
+    with pytest.raises(ValueError, match=r"SiT grid \(4x4\) and the target grid \(3x3\)"):
         fwd(h, z[:, :9], *ws, 4, 3, 0, False)
-    with pytest.raises(RuntimeError, match=r"b3 must have shape \[40\].*got \[41\]"):
+    with pytest.raises(ValueError, match=r"b3 must have shape \[40\].*got \[41\]"):
         fwd(h, z, *ws[:5], torch.zeros(41), 4, 4, 0, False)
     loss, stats, *kept = fwd(h, z, *ws, 4, 4, 0, False)
+    assert stats.dtype == torch.float64  # the norms of float32 rows may exceed float32's range
     bwd = torch.ops.repa_fast.native_alignment_bwd
-    with pytest.raises(RuntimeError, match=r"stats must be the \[3, 48\] Float tensor.*got \[3, 47\]"):
+    with pytest.raises(ValueError, match=r"stats must be the \[3, 48\] Double tensor.*got \[3, 47\]"):
         bwd(torch.ones(()), h, z, *ws, stats[:, :47], *kept, 4, 4, 0, False)
-    with pytest.raises(RuntimeError, match=r"grad_loss must be a one-element tensor.*\[2\]"):
+    with pytest.raises(ValueError, match=r"stats must be the \[3, 48\] Double tensor.*Float"):
+        bwd(torch.ones(()), h, z, *ws, stats.float(), *kept, 4, 4, 0, False)
+    with pytest.raises(ValueError, match=r"grad_loss must be a one-element tensor.*\[2\]"):
         bwd(torch.ones(2), h, z, *ws, stats, *kept, 4, 4, 0, False)
-    with pytest.raises(RuntimeError, match=r"pre1, pre2 and proj must be given together"):
+    with pytest.raises(ValueError, match=r"pre1, pre2 and proj must be given together"):
         bwd(torch.ones(()), h, z, *ws, stats, torch.ones(48, 80), *kept[1:], 4, 4, 0, False)
 
 

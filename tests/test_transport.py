@@ -168,3 +168,13 @@ def test_siloss_matches_hand_computation(path_type):
 def test_siloss_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SILoss(**kwargs)
+
+
+def test_projection_loss_of_large_finite_features_matches_float64():
+    # |x|^2 of rows near 1e20 overflows float32: the loss must not silently become 0
+    from repa_fast.transport.losses import projection_loss
+    torch.manual_seed(0)
+    z, z_tilde = torch.randn(2, 5, 16) * 1e20, torch.randn(2, 5, 16) * 1e20
+    exact = projection_loss([z.double()], [z_tilde.double()])
+    assert projection_loss([z], [z_tilde]).item() == pytest.approx(exact.item(), rel=1e-5)
+    assert exact.abs() > 1e-3

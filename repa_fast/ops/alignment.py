@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 from ..backend_choice import requested_choice
-from .alignment_reference import project, repa_alignment_loss_reference
-from .backends import ENV_VAR, REGISTRY, auto_backend, compute_dtype
+from .alignment_checks import check_call, compute_dtype
+from .alignment_reference import project, reference_loss
+from .backends import ENV_VAR, REGISTRY, auto_backend
 
 CHOICES = ("auto",) + tuple(REGISTRY)
 
@@ -59,21 +60,35 @@ def repa_alignment_loss(hidden: torch.Tensor, target: torch.Tensor,
     backend that cannot run raises and says why). ``recompute`` (Triton and native): keep only
     the inputs for the backward and recompute the projector's intermediates there (default),
     or keep them (faster, more memory).
+
+    Arguments are checked before a backend is chosen, the same way for every backend
+    (:mod:`repa_fast.ops.alignment_checks`): a bad one raises ``TypeError`` or ``ValueError``.
+    Dtypes: float32/64, float16 or bfloat16; the weights share one dtype, which the hidden
+    states have too unless autocast is on (then the GEMMs run in its dtype; float64 is never
+    cast, so it must be on both sides or neither); the target may have any of the four.
+
+    Range: every finite input whose projection ``p`` (and, where a grid is pooled, whose k×k
+    sums) is finite in its dtype. |x|² overflows float32 once |x| ≳ 1.8e19 (float64: 1.3e154),
+    but no backend squares unscaled rows: the reference and Triton divide each row by a power
+    of two first, the native backend sums float32 rows in float64 (float64 rows scaled) and
+    keeps its stats in float64. Loss and gradients therefore stay right up to the dtype's
+    maximum (native float64 gradients: while row norms stay below it). Gradients are of order
+    1/|p̄|: for huge rows they are tiny and may underflow in the dtype. Not covered: a projector
+    output that itself overflows (huge hidden states times the weights: ``p`` is Inf, the loss
+    NaN), and pooled k×k sums of values above max/k² (Inf, NaN loss; the native backend pools
+    float32 in float64).
     """
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"hidden must be a torch.Tensor; got {type(hidden).__name__}")
+    hg, tg = check_call(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid, target_grid,
+                        target_prefix_tokens, recompute)
     name = _resolve(requested_backend(backend), hidden.device, compute_dtype(hidden))
-    kwargs = dict(hidden_grid=hidden_grid, target_grid=target_grid,
-                  target_prefix_tokens=target_prefix_tokens)
+    args = (hidden, target, w1, b1, w2, b2, w3, b3, hg, tg, target_prefix_tokens)
     if name == "triton":
-        from .alignment_triton import repa_alignment_loss_triton  # needs triton: import on use
-        return repa_alignment_loss_triton(hidden, target, w1, b1, w2, b2, w3, b3,
-                                          recompute=recompute, **kwargs)
+        from .alignment_triton import triton_loss  # needs triton: import on use
+        return triton_loss(*args, recompute)
     if name == "native":
-        from .alignment_native import repa_alignment_loss_native  # needs repa_fast._C
-        return repa_alignment_loss_native(hidden, target, w1, b1, w2, b2, w3, b3,
-                                          recompute=recompute, **kwargs)
-    return repa_alignment_loss_reference(hidden, target, w1, b1, w2, b2, w3, b3, **kwargs)
+        from .alignment_native import native_loss  # needs repa_fast._C
+        return native_loss(*args, recompute)
+    return reference_loss(*args)
 
 
 class REPAProjector(nn.Sequential):

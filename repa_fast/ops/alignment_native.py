@@ -15,6 +15,9 @@ and one pass for ``b3``, target pooling (prefix tokens skipped), norms and cosin
 
     stats_r = (cos_r, max(|p_r|, ε), max(|z̄_r|, ε)),   loss = −mean_r cos_r,   ε = 1e-12
 
+The cosine stage sums in float64 and keeps ``stats`` in float64, so no norm of finite float32
+(float16, bfloat16) values overflows; float64 rows are scaled by a power of two first.
+
 The backward recomputes pre1, pre2 and p from the inputs (``recompute=True``, at most three
 [B·T, P] buffers live) or reads them from the forward (``recompute=False``: two [B·T, P]
 buffers kept, three GEMMs fewer). Accumulation is float32, float64 for float64 inputs.
@@ -28,8 +31,8 @@ from typing import Optional
 
 import torch
 
-from .alignment_reference import check_call, pool_ratio
-from .backends import _native_problem, compute_dtype, native_import_problem
+from .alignment_checks import check_call, compute_dtype, pool_ratio
+from .backends import _native_problem, native_import_problem
 
 _PROBLEM = native_import_problem()
 if _PROBLEM is not None:
@@ -59,7 +62,7 @@ def _forward_fake(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid, target_gr
     acc = _accumulate_dtype(hidden.dtype)
     m, p, z = hidden.shape[0] * hidden.shape[1], w1.shape[0], w3.shape[0]
     kept = [(m, p), (m, p), (rows, z)] if save_intermediates else [_EMPTY] * 3
-    return (hidden.new_empty((), dtype=acc), hidden.new_empty((3, rows), dtype=acc),
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty((3, rows), dtype=torch.float64),
             *(hidden.new_empty(shape) for shape in kept))
 
 
@@ -101,6 +104,22 @@ def _call_problem(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return _native_problem(device, dtype)
 
 
+def native_loss(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid: int, target_grid: int,
+                target_prefix_tokens: int, recompute: bool) -> torch.Tensor:
+    """The loss of arguments :func:`check_call` accepted (grids resolved by it)."""
+    dtype = compute_dtype(hidden)
+    problem = _call_problem(hidden.device, dtype)
+    if problem is not None:
+        raise ValueError(f"alignment-op backend 'native' cannot run this call: {problem}")
+    weights = [w.to(dtype) for w in (w1, b1, w2, b2, w3, b3)]
+    # intermediates are worth keeping only for a backward
+    save = not recompute and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (hidden, target, w1, b1, w2, b2, w3, b3))
+    loss, *_ = torch.ops.repa_fast.native_alignment_fwd(
+        hidden.to(dtype), target, *weights, hidden_grid, target_grid, target_prefix_tokens, save)
+    return loss
+
+
 def repa_alignment_loss_native(hidden: torch.Tensor, target: torch.Tensor,
                                w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                                b2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, *,
@@ -115,15 +134,6 @@ def repa_alignment_loss_native(hidden: torch.Tensor, target: torch.Tensor,
     would); the target keeps its dtype (read in the accumulate dtype).
     """
     hg, tg = check_call(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid, target_grid,
-                        target_prefix_tokens)
-    dtype = compute_dtype(hidden)
-    problem = _call_problem(hidden.device, dtype)
-    if problem is not None:
-        raise ValueError(f"alignment-op backend 'native' cannot run this call: {problem}")
-    weights = [w.to(dtype) for w in (w1, b1, w2, b2, w3, b3)]
-    # intermediates are worth keeping only for a backward
-    save = not recompute and torch.is_grad_enabled() and any(
-        t.requires_grad for t in (hidden, target, w1, b1, w2, b2, w3, b3))
-    loss, *_ = torch.ops.repa_fast.native_alignment_fwd(
-        hidden.to(dtype), target, *weights, hg, tg, target_prefix_tokens, save)
-    return loss
+                        target_prefix_tokens, recompute)
+    return native_loss(hidden, target, w1, b1, w2, b2, w3, b3, hg, tg, target_prefix_tokens,
+                       recompute)

@@ -4,11 +4,12 @@ Forward (three launches of fused kernels, then the finish over a grid of row blo
 
     s1 = silu(h·W1ᵀ + b1)          linear_bias_silu_kernel   (also pre1 when saving)
     pre2, s2 = GEMM2               linear_bias_silu_kernel   (s2 = silu(pre2 rounded to dtype))
-    partial sums of p·z, p·p, z·z  project_cosine_fwd_kernel (p = pooled(s2)·W3ᵀ + b3, never stored)
+    partial sums of p·z, p·p, z·z  project_cosine_fwd_kernel (p = pooled(s2)·W3ᵀ + b3, never stored;
+                                   rows scaled by powers of two so that no square overflows)
     (cos, |p|, |z|) per row        cosine_finish_kernel: one program per FINISH_BLOCK rows, each
                                    also writing its rows' Σ cos; loss = −(Σ of those)/R (torch)
 
-Backward, with ``recompute=True`` (the default): the forward keeps the op's inputs, three
+Backward, with ``recompute=True`` (the default): the forward keeps the op's inputs, five
 floats per pooled row and pre2 [M, P] (the second pre-activation). The backward runs each GEMM
 once: s2 = silu(pre2) is elementwise and only GEMM1 is recomputed, so its GEMM FLOPs are those
 of ``recompute=False`` plus one GEMM1 (1.13x at SiT-XL: D = 1152, P = 2048, Z = 768; recomputing
@@ -45,12 +46,13 @@ from typing import Optional
 import torch
 import triton
 
-from ..kernels.cosine import (COSINE_CONFIGS, cosine_finish_kernel, project_cosine_bwd_kernel,
-                              project_cosine_fwd_kernel)
+from ..kernels.cosine import (COSINE_CONFIGS, STATS_ROWS, cosine_finish_kernel,
+                              project_cosine_bwd_kernel, project_cosine_fwd_kernel)
 from ..kernels.linear_silu import linear_bias_silu_kernel, linear_grad_silu_kernel
 from ..kernels.tuning import GEMM_CONFIGS, INTERPRET, m_bucket, min_block
-from .alignment_reference import avg_pool_tokens, check_call, pool_ratio
-from .backends import _triton_problem, compute_dtype
+from .alignment_checks import check_call, compute_dtype, pool_ratio
+from .alignment_reference import avg_pool_tokens
+from .backends import _triton_problem
 
 # rows per program of the finish kernel (its grid: cdiv(R, FINISH_BLOCK) programs)
 FINISH_BLOCK = 64 if INTERPRET else 256
@@ -146,11 +148,13 @@ def linear_grad_silu(g: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, geo: O
 def project_cosine_forward(s2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor,
                            target: torch.Tensor, geo: _Geometry
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, stats)``: the fp32 loss and stats [3, R] = (cos, max(|p|, ε), max(|z|, ε))."""
+    """``(loss, stats)``: the fp32 loss and stats [5, R] = (cos, max(|p|, ε)·2^-k_p,
+    max(|z|, ε)·2^-k_z, k_p, k_z): norms scaled by powers of two (kernels/cosine.py)."""
     r, z, k = geo.rows, w3.shape[0], w3.shape[1]
     z_slots = triton.cdiv(z, min_block(COSINE_CONFIGS, 1))
-    part = torch.zeros((3, z_slots, r), device=s2.device, dtype=torch.float32)
-    stats = torch.empty((3, r), device=s2.device, dtype=torch.float32)
+    # per Z tile: p·z, p·p, z·z of the scaled rows and the two scale exponents
+    part = torch.zeros((5, z_slots, r), device=s2.device, dtype=torch.float32)
+    stats = torch.empty((STATS_ROWS, r), device=s2.device, dtype=torch.float32)
     block_sums = torch.empty((triton.cdiv(r, FINISH_BLOCK),), device=s2.device,
                              dtype=torch.float32)
 
@@ -226,7 +230,7 @@ def _(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid, target_grid, prefix,
     full = (geo.m, w1.shape[0])
     inter = full if save_intermediates else _EMPTY
     return (hidden.new_empty((), dtype=torch.float32),
-            hidden.new_empty((3, geo.rows), dtype=torch.float32),
+            hidden.new_empty((STATS_ROWS, geo.rows), dtype=torch.float32),
             hidden.new_empty(inter), hidden.new_empty(inter), hidden.new_empty(full),
             hidden.new_empty(inter))
 
@@ -325,6 +329,26 @@ alignment_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- entry point
 
+def triton_loss(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid: int, target_grid: int,
+                target_prefix_tokens: int, recompute: bool) -> torch.Tensor:
+    """The loss of arguments :func:`check_call` accepted (grids resolved by it)."""
+    dtype = compute_dtype(hidden)
+    problem = _triton_problem(hidden.device, dtype)
+    if problem is not None:
+        raise ValueError(f"alignment-op backend 'triton' cannot run this call: {problem}")
+    # the kernels index with 32-bit offsets
+    largest = max(hidden.shape[0] * hidden.shape[1] * max(hidden.shape[2], w1.shape[0]),
+                  target.shape[0] * target.stride(0), w2.numel())
+    if largest >= 2 ** 31:
+        raise ValueError(f"the Triton kernels index with 32-bit offsets; this call needs "
+                         f"{largest} elements in one tensor (hidden {list(hidden.shape)}, "
+                         f"projector dim {w1.shape[0]}): split the batch into smaller chunks")
+    weights = [w.to(dtype) for w in (w1, b1, w2, b2, w3, b3)]
+    loss, *_ = alignment_loss_fwd(hidden.to(dtype), target, *weights, hidden_grid, target_grid,
+                                  target_prefix_tokens, not recompute)
+    return loss
+
+
 def repa_alignment_loss_triton(hidden: torch.Tensor, target: torch.Tensor,
                                w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                                b2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, *,
@@ -338,19 +362,6 @@ def repa_alignment_loss_triton(hidden: torch.Tensor, target: torch.Tensor,
     autocast would); accumulation, the cosine and the loss are fp32.
     """
     hg, tg = check_call(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid, target_grid,
-                        target_prefix_tokens)
-    dtype = compute_dtype(hidden)
-    problem = _triton_problem(hidden.device, dtype)
-    if problem is not None:
-        raise ValueError(f"alignment-op backend 'triton' cannot run this call: {problem}")
-    # the kernels index with 32-bit offsets
-    largest = max(hidden.shape[0] * hidden.shape[1] * max(hidden.shape[2], w1.shape[0]),
-                  target.shape[0] * target.stride(0), w2.numel())
-    if largest >= 2 ** 31:
-        raise ValueError(f"the Triton kernels index with 32-bit offsets; this call needs "
-                         f"{largest} elements in one tensor (hidden {list(hidden.shape)}, "
-                         f"projector dim {w1.shape[0]}): split the batch into smaller chunks")
-    weights = [w.to(dtype) for w in (w1, b1, w2, b2, w3, b3)]
-    loss, *_ = alignment_loss_fwd(hidden.to(dtype), target, *weights, hg, tg,
-                                  target_prefix_tokens, not recompute)
-    return loss
+                        target_prefix_tokens, recompute)
+    return triton_loss(hidden, target, w1, b1, w2, b2, w3, b3, hg, tg, target_prefix_tokens,
+                       recompute)

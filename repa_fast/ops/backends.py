@@ -19,21 +19,14 @@ from typing import Callable, Optional
 
 import torch
 
+from .alignment_checks import compute_dtype  # noqa: F401  (re-exported: repa_fast.train)
+
 ENV_VAR = "REPA_FAST_OPS_BACKEND"
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NATIVE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 NATIVE_BUILD_HINT = ("build it with REPA_FAST_BUILD_EXT=1 pip install --no-build-isolation . "
                      "(needs torch installed first and a C++ compiler; nvcc and CUDA_HOME add "
                      "the CUDA kernels), or python setup.py build_ext --inplace in a checkout")
-
-
-def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
-    """The dtype the projector GEMMs run in: autocast's when autocast is on for the hidden
-    states' device, else their own."""
-    kind = hidden.device.type
-    if torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return hidden.dtype
 
 
 def _reference_problem(device: Optional[torch.device] = None,

@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
+from ..ops.alignment_reference import normalize
 from .paths import check_path_type, interpolate
 from .timesteps import WEIGHTINGS, sample_time
 
@@ -50,8 +50,8 @@ def projection_loss(zs: TensorList, zs_tilde: TensorList) -> torch.Tensor:
                              f"{list(z.shape)} and {list(z_tilde.shape)}")
         dtype = torch.promote_types(torch.promote_types(z.dtype, z_tilde.dtype), torch.float32)
         with torch.autocast(z.device.type, enabled=False):
-            z = F.normalize(z.to(dtype), dim=-1)
-            z_tilde = F.normalize(z_tilde.to(dtype), dim=-1)
+            z = normalize(z.to(dtype))  # F.normalize without overflow for large finite rows
+            z_tilde = normalize(z_tilde.to(dtype))
             term = -(z * z_tilde).sum(dim=-1).mean()
         total = term if total is None else total + term
     return total / len(zs)
