@@ -35,14 +35,17 @@ def debugging() -> bool:
 
 
 def os_cause(error: BaseException) -> Optional[OSError]:
-    """The ``OSError`` behind ``error``: itself, or one in its cause/context chain (torch's
-    ``inline_container.cc ... unexpected pos`` hides ``No space left on device`` there)."""
+    """The ``OSError`` behind ``error``: itself, one it was raised ``from``, or the one a
+    ``RuntimeError`` was raised while handling (torch's ``inline_container.cc ... unexpected
+    pos`` hides ``No space left on device`` that way). Any other error raised while handling
+    an ``OSError`` is a bug of its own, not the machine's refusal."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
             return error
-        error = error.__cause__ or error.__context__
+        error = error.__cause__ or (error.__context__ if isinstance(error, RuntimeError)
+                                    and not error.__suppress_context__ else None)
     return None
 
 

@@ -38,10 +38,13 @@ if __name__ in ("__main__", "__mp_main__") and not __package__:
     __package__ = "repa_fast"
 
 from .errors import USAGE_AND_VALUE, UsageError, report
-from .training.checkpoint import (checkpoint_path, list_checkpoints, prune, resolve_resume,
-                                  rng_state, save_atomic, save_safetensors, set_rng_state)
+from .training.checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, prune,
+                                  resolve_resume, rng_state, save_atomic, save_safetensors,
+                                  set_aside_after, set_rng_state)
 from .training.config import TrainConfig, parse_args, save_config
 from .training.ema import EMA
+from .training.run_dir import check_run_dir, clear_run_dir
+from .training.stop import Aborted, Interrupted, StopRequest
 from .training.step import (TrainStep, autocast, autocast_dtype, compiled, draw_device_name,
                             make_loss, make_optimizer, resolve_compile)
 from .training.metrics import (MetricsLog, Reporter, flops_per_image, peak_tflops,
@@ -191,92 +194,6 @@ def check_labels(labels: torch.Tensor, num_classes: int, data_dir: str) -> None:
                          f"range)")
 
 
-RUN_FILES = ("checkpoints", "metrics.jsonl", "samples", "tensorboard", "wandb_run_id")
-
-
-def claim_run_dir(config: TrainConfig, run_dir: str, main: bool) -> None:
-    """A run without ``--resume`` starts in a folder that holds no other run: checkpoints or a
-    log of another run would mix with its own (and a later ``--resume auto`` would load a
-    stale checkpoint). ``--overwrite`` deletes that run's files first (rank 0)."""
-    if config.resume is not None:
-        return
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    found = []
-    if list_checkpoints(ckpt_dir):
-        found.append(f"checkpoints {list_checkpoints(ckpt_dir)}")
-    log = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(log) and os.path.getsize(log):
-        found.append("metrics.jsonl")
-    if not found:
-        return
-    if not config.overwrite:
-        raise UsageError(f"--output-dir/--exp-name: {run_dir} already holds a run "
-                         f"({', '.join(found)}); continue it with --resume auto, choose another "
-                         f"--exp-name, or pass --overwrite to delete it and start over")
-    if main:
-        import shutil
-        for name in RUN_FILES:
-            path = os.path.join(run_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-        print(f"--overwrite: deleted the previous run's {', '.join(found)} (and samples, "
-              f"dashboards) in {run_dir}", flush=True)
-
-
-class Interrupted(Exception):
-    """Training stopped by SIGINT or SIGTERM after saving (``saved``: the checkpoint step, or
-    None when the latest steps were skipped and nothing was saved). ``python -m
-    repa_fast.train`` exits with 128 + the signal number: 130 (SIGINT), 143 (SIGTERM)."""
-
-    def __init__(self, signum: int, step: int, saved: Optional[int], message: str):
-        super().__init__(message)
-        self.signum, self.step, self.saved = signum, step, saved
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-
-class StopRequest:
-    """SIGINT and SIGTERM ask the loop to save and stop at the end of the current step; a
-    second one aborts at once (KeyboardInterrupt) without saving. With several processes the
-    request is agreed on at log steps (every rank must save the same step)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self.previous = {}
-
-    def __enter__(self):
-        for signum in self.SIGNALS:
-            self.previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}): "
-                                    f"stopped without saving")
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving at the end of this step, then stopping "
-              f"(send it again to stop at once without saving)", file=sys.stderr, flush=True)
-
-    def agreed(self, world_size: int, device: torch.device) -> Optional[int]:
-        """The signal every rank acts on: this process's, or with several processes the
-        largest any rank received (collective: call on every rank at the same step)."""
-        if world_size == 1:
-            return self.signum
-        flag = torch.tensor([self.signum or 0], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag) or None
-
-
 @torch.no_grad()
 def sample_grid(ema_model, noise: torch.Tensor, labels: torch.Tensor, latents_scale: float,
                 vae, path: str) -> torch.Tensor:
@@ -303,6 +220,32 @@ def sample_grid(ema_model, noise: torch.Tensor, labels: torch.Tensor, latents_sc
     return grid
 
 
+def resume_state(resume: Optional[str], ckpt_dir: str, dist: Distributed):
+    """``(path, state)`` to resume from (``(None, None)``: a fresh start). Rank 0 chooses
+    and verifies (``--resume auto`` may pass over damaged files); the other ranks load the
+    file it chose, checking its size only: every rank resumes the same step, and the file
+    is hashed once."""
+    if dist.world_size == 1:
+        return resolve_resume(resume, ckpt_dir)
+    chosen = [None, None]
+    if dist.main:
+        try:
+            path, state = resolve_resume(resume, ckpt_dir)
+            chosen = [path, None]
+        except Exception as error:  # noqa: BLE001 -- every rank stops, not only rank 0
+            torch.distributed.broadcast_object_list([None, f"{error}"], src=0)
+            raise
+    torch.distributed.broadcast_object_list(chosen, src=0)
+    path, problem = chosen
+    if dist.main:
+        return path, state
+    if problem is not None:
+        raise UsageError(f"rank 0 could not resume: {problem}")
+    if path is None:
+        return None, None
+    return path, load_checkpoint(path, f"--resume {resume}:", verify_hash=False)
+
+
 def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     """Run training; returns the last logged metrics."""
     from .data import LoaderConfig, make_loader, read_index
@@ -312,7 +255,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     device = dist.device
     run_dir = os.path.join(config.output_dir, config.exp_name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    claim_run_dir(config, run_dir, dist.main)
+    check_run_dir(run_dir, config.resume, config.overwrite)
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -353,7 +296,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     model = build_model(config, in_channels, input_size, [e.embed_dim for e in encoders])
     model = model.to(device).train()
     ema = EMA(model, config.ema_decay)
-    resume, state = resolve_resume(config.resume, ckpt_dir)
+    resume, state = resume_state(config.resume, ckpt_dir, dist)
     if state is not None:
         try:
             model.load_state_dict(state["model"])
@@ -397,7 +340,17 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     if state is not None:
         loader.load_state_dict(state["loader"])
         step = int(state["steps"])
-    if dist.main:
+    if dist.main:  # the first writes into the run folder: every check has passed
+        if config.overwrite:
+            found = clear_run_dir(run_dir)
+            if found:
+                print(f"--overwrite: deleted the previous run's {', '.join(found)} (and its "
+                      f"samples and dashboards) in {run_dir}", flush=True)
+        moved = set_aside_after(ckpt_dir, step) if resume else []
+        if moved:
+            warnings.warn(f"--resume: continuing from step {step}; the checkpoints after it "
+                          f"(an abandoned continuation, or damaged) were moved out of reach "
+                          f"of --resume auto and --keep-last: {', '.join(moved)}")
         os.makedirs(ckpt_dir, exist_ok=True)
         save_config(config, os.path.join(run_dir, "config.json"))
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -429,7 +382,10 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
 
     autotune = tile_api()
 
+    last_saved = step if resume else None  # that step's checkpoint exists
+
     def save(at: int) -> None:
+        nonlocal last_saved
         # every rank's RNG state: each draws its own noise and times
         rngs = [rng_state()]
         if dist.world_size > 1:
@@ -443,12 +399,13 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
                          rng=rngs, loader=loader.state_dict(),
                          kernel_tiles=autotune.export_tiles(used_only=True) if autotune
                          else {}, draw_device=draw_device_name(device),
-                         skipped_steps=skipped_total,
+                         skipped_steps=skipped_total + int(counts[1]),
                          **({} if zero else dict(opt=optimizer.state_dict())))
             save_atomic(state, checkpoint_path(ckpt_dir, at))
             if config.save_safetensors:
                 save_safetensors(state, os.path.join(ckpt_dir, f"{at:07d}"))
             prune(ckpt_dir, config.keep_last)
+        last_saved = at
         dist.barrier()
 
     warm_kernels(config, model, encoders, device, config.batch_size // dist.world_size, dist,
@@ -517,7 +474,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
             save_safetensors(torch.load(saved, map_location="cpu", weights_only=True), stem)
 
     batches = iter(loader)
-    stop = StopRequest().__enter__()
+    stop = StopRequest(dist.world_size).__enter__()
     try:
         while step < config.max_train_steps:
             t0 = time.perf_counter()
@@ -575,19 +532,22 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
                 grid = sample_grid(ema.model, grid_noise, grid_labels, latents_scale, vae,
                                    os.path.join(run_dir, "samples", f"{step:07d}.png"))
                 reporter.image("samples/ema", grid, step)
-            signum = None
-            if step < config.max_train_steps and (dist.world_size == 1
-                                                  or step % config.log_every == 0):
-                signum = stop.agreed(dist.world_size, device)  # collective with several ranks
+            signum = stop.poll() if step < config.max_train_steps else None
             if signum is not None:
-                done = list_checkpoints(ckpt_dir)[-1:] == [step]
-                saved = step if done or save_if_good() else None
+                saved = step if last_saved == step or save_if_good() else None
                 name = signal.Signals(signum).name
                 text = (f"{name}: saved step {step} and stopped" if saved is not None else
                         f"{name}: stopped at step {step} without saving (the latest steps were "
                         f"skipped); checkpoints: {list_checkpoints(ckpt_dir)}")
                 bar.write(text)
                 raise Interrupted(signum, step, saved, text)
+        if pending_save:  # the last steps were skipped: the final checkpoint never came
+            check_nonfinite()
+            raise FloatingPointError(
+                f"the last {int(skip_run)} step(s) had a non-finite loss or gradient, so no "
+                f"checkpoint was saved at the final step {step}; checkpoints: "
+                f"{list_checkpoints(ckpt_dir)}. Lower --learning-rate or check the data, then "
+                f"resume from the last one")
         if step >= config.max_train_steps:
             finish(step)
     finally:
@@ -613,9 +573,11 @@ def main(argv=None) -> int:
         return 3
     except Interrupted as stopped:
         return stopped.exit_code
-    except KeyboardInterrupt as error:
-        print(f"interrupted: {error or 'stopped before training started'}; nothing saved",
-              file=sys.stderr)
+    except Aborted as error:
+        print(f"interrupted: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted before training started: nothing to save", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 -- usage and environment errors; bugs re-raise
         code = report(error, usage=USAGE_AND_VALUE)

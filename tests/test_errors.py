@@ -50,3 +50,13 @@ def test_debug_prints_the_traceback_too(capsys, monkeypatch):
     assert run_cli(raising(UsageError("bad flag"))) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.endswith("error: bad flag\n")
+
+
+def test_a_bug_while_handling_an_os_error_keeps_its_traceback():
+    def body():
+        try:
+            raise PermissionError(13, "Permission denied", "/proc/1/mem")
+        except OSError:
+            undefined_name  # noqa: F821 -- the bug
+    with pytest.raises(NameError):
+        run_cli(body)

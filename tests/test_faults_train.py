@@ -287,3 +287,50 @@ def test_damaged_data_stops_naming_the_shard_or_is_skipped_and_counted(tmp_path,
     assert skipped[-1] >= 1 and skipped == sorted(skipped)
     if not verify:
         assert skipped[-1] == 1
+
+
+# --- review fixes: abandoned continuations, a skipped last step, the stop request -----------
+
+def test_resuming_an_earlier_step_sets_the_later_checkpoints_aside(tmp_path):
+    assert main(demo_args(tmp_path, "--max-train-steps", "4", "--checkpointing-steps", "1",
+                          "--save-safetensors")) == 0
+    ckpt_dir = tmp_path / "demo" / "checkpoints"
+    with pytest.warns(UserWarning, match="continuing from step 2; the checkpoints after it"):
+        assert main(demo_args(tmp_path, "--max-train-steps", "3", "--checkpointing-steps", "1",
+                              "--keep-last", "1", "--resume", "2")) == 0
+    # the abandoned 3 and 4 can neither be resumed by auto nor make --keep-last drop step 3
+    assert list_checkpoints(str(ckpt_dir)) == [3]
+    (aside,) = (ckpt_dir / "abandoned").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == [
+        "0000003-ema.safetensors", "0000003-model.safetensors", "0000003.pt",
+        "0000003.pt.sha256.json", "0000004-ema.safetensors", "0000004-model.safetensors",
+        "0000004.pt", "0000004.pt.sha256.json", "deepspeed"]
+    assert steps_logged(tmp_path) == [1, 2, 3]
+
+
+def test_a_skipped_last_step_is_not_reported_as_done(tmp_path, monkeypatch, capsys):
+    import repa_fast.vae as vae
+    real, calls = vae.sample_posterior, []
+
+    def poisoned(moments, *args, **kwargs):
+        calls.append(1)
+        x = real(moments, *args, **kwargs)
+        return x * float("nan") if len(calls) == 2 else x
+
+    monkeypatch.setattr(vae, "sample_posterior", poisoned)
+    assert main(demo_args(tmp_path, "--checkpointing-steps", "1")) == 3
+    assert "no checkpoint was saved at the final step 2" in capsys.readouterr().err
+    assert list_checkpoints(str(tmp_path / "demo" / "checkpoints")) == [1]
+
+
+def test_a_second_signal_aborts_with_its_own_exit_code():
+    from repa_fast.training.stop import Aborted, StopRequest
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.poll() == signal.SIGTERM
+        with pytest.raises(Aborted) as aborted:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs between bytecodes; it raises before this ends
+    assert aborted.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) == before  # the handlers are put back

@@ -168,15 +168,19 @@ def prune(directory: str, keep_last: Optional[int]) -> None:
         shutil.rmtree(os.path.join(directory, "deepspeed", f"{step:07d}"), ignore_errors=True)
 
 
-def load_checkpoint(path: str, flag: str = "--resume") -> dict:
-    """The training state in ``path``, verified against its checksum record, loaded with
-    ``weights_only=True`` and checked to hold what a resume needs; a :class:`UsageError`
-    naming ``flag``, the file and what is wrong otherwise."""
-    problem = checkpoint_problem(path)
+def load_checkpoint(path: str, flag: str = "--resume", verify_hash: bool = True) -> dict:
+    """The training state in ``path``, verified against its checksum record (``verify_hash``:
+    its SHA-256 too, else its size), loaded with ``weights_only=True`` and checked to hold what
+    a resume needs; a :class:`UsageError` naming ``flag``, the file and what is wrong
+    otherwise. The machine's refusals (``OSError``: I/O errors, ``MemoryError``) propagate:
+    they say nothing about the file."""
+    problem = checkpoint_problem(path, verify_hash)
     state = None
     if problem is None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, MemoryError):
+            raise
         except Exception as error:  # noqa: BLE001 -- zip, unpickling and tensor errors alike
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             problem = f"it cannot be read as a checkpoint ({type(error).__name__}: {first})"
@@ -223,6 +227,29 @@ def resolve_resume(resume: Optional[str], directory: str) -> tuple[Optional[str]
         raise UsageError(f"--resume {resume}: no checkpoint at {path} (have steps "
                          f"{list_checkpoints(directory)} in {directory})")
     return path, load_checkpoint(path)
+
+
+def set_aside_after(directory: str, step: int) -> list[str]:
+    """Move the checkpoints of steps after ``step`` (an abandoned continuation, or damaged ones
+    a resume passed over), with their records, safetensors copies and DeepSpeed partitions,
+    into ``directory/abandoned/<time>/``: never deleted, but out of reach of ``--resume auto``
+    and ``--keep-last``. Returns the moved checkpoint paths (their new names)."""
+    later = [s for s in list_checkpoints(directory) if s > step]
+    if not later:
+        return []
+    import shutil
+    import time
+    dest = os.path.join(directory, "abandoned", time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(os.path.join(dest, "deepspeed"), exist_ok=True)
+    moved = []
+    for s in later:
+        stem = f"{s:07d}"
+        for name in (f"{stem}.pt{CHECKSUM_SUFFIX}", f"{stem}-model.safetensors",
+                     f"{stem}-ema.safetensors", os.path.join("deepspeed", stem), f"{stem}.pt"):
+            if os.path.exists(os.path.join(directory, name)):
+                shutil.move(os.path.join(directory, name), os.path.join(dest, name))
+        moved.append(os.path.join(dest, f"{stem}.pt"))
+    return moved
 
 
 def rng_state() -> dict:
