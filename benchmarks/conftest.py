@@ -4,6 +4,7 @@ import os
 import platform
 import signal
 
+import pytest
 import torch
 
 # benchmarks/gpu_check.sh time-boxes each step with SIGINT so that pytest stops and still
@@ -14,6 +15,27 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Printed at the top of a run (and again under the benchmark table) where there is no CUDA.
+CPU_TRITON_NOTE = (
+    "note: no CUDA device: rows of Triton providers (fused, fused_saved) time Triton's CPU "
+    "interpreter (TRITON_INTERPRET=1), typically hundreds to thousands of times slower than "
+    "the reference; they only show that the kernels run and say nothing about GPU speed")
+
+
+def pytest_report_header(config):
+    """The CPU note in the session header (shown unless -q or --no-header)."""
+    return None if torch.cuda.is_available() else CPU_TRITON_NOTE
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config):
+    """The CPU note again under pytest-benchmark's table (trylast: after it), so that a
+    quiet run (-q, no header) still prints it beside the rows it is about."""
+    session = getattr(config, "_benchmarksession", None)
+    if torch.cuda.is_available() or not getattr(session, "benchmarks", None):
+        return
+    terminalreporter.write_line(CPU_TRITON_NOTE, yellow=True)
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
