@@ -4,12 +4,20 @@
         --resolution 256 --vae weights/sd-vae-ft-ema
 
 ``--source`` is an image folder (class subfolders), a zip, or an official REPA preprocessed
-folder (``images/`` + ``vae-sd/``: converted as is, no VAE needed). Images are cropped and
-encoded in ``--workers`` processes; the VAE encodes batches on the GPU when there is one.
+folder (``images/`` + ``vae-sd/``: converted as is, no VAE needed). ``--vae none`` prepares a
+pixel-space set like the demo's (``repa_fast.data.demo``): the moments are ``concat(x, 0)``
+with ``x = crop/127.5 - 1`` (float32 ``[2·3, H, W]``), and training models the pixels.
+Images are cropped and encoded in ``--workers`` processes (default: the CPUs this process may
+use, at most 8); the VAE encodes batches on the GPU when there is one. A ``--resolution``
+other than 256 or 512 is prepared with a warning: the default DINOv2 encoders train at those.
 Shards are published atomically, so rerunning the same command after a crash continues with
 the unfinished shards. Unreadable images are skipped and listed in ``report.json``.
 ``index.json`` records each shard's size and CRC-32 (the loaders check them) and the range of
 class labels.
+
+The settings are recorded in ``prepare.json`` with the first finished shard; a later run with
+other settings is refused while shards of the first exist (``--restart`` deletes prepare's
+shards, index, report and settings in --dest, and starts over).
 
 One run per --dest: ``.prepare.lock`` names the pid and host of the run holding it; the lock
 of a run that died (``kill -9``, a crash) is taken over with a message, a live one is
@@ -23,11 +31,13 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import socket
 import sys
+import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -44,6 +54,23 @@ from .sources import OfficialSource, open_source
 REPORT = "report.json"
 MANIFEST = "prepare.json"   # what the shards were planned from; a resumed run must match it
 LOCK = ".prepare.lock"
+PIXEL_SPACE = "none"        # --vae none: no VAE, the moments are the pixels (as the demo's)
+PIXEL_IDENTITY = dict(path=None, scaling_factor=1.0, latent_channels=3, fingerprint="pixel space")
+ENCODER_RESOLUTIONS = (256, 512)  # what the default DINOv2 alignment encoders train at
+SHARD_FILE = re.compile(r"shard-\d{6}\.(tar|json)")
+TEMPORARY = re.compile(r"(shard-\d{6}\.(tar|json)|index\.json|report\.json|prepare\.json)"
+                       r"(\.\d+)?\.tmp")
+
+
+def default_workers() -> int:
+    """Crop/encode processes by default: the CPUs this process may run on (its affinity, which
+    a batch scheduler or ``taskset`` narrows; ``os.cpu_count`` counts the whole machine), at
+    most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity (macOS, Windows)
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
 
 
 @dataclass
@@ -55,25 +82,35 @@ class PrepareConfig:
     image_format: str = "jpg"
     jpeg_quality: int = 95
     shard_size: int = 1000
-    workers: int = min(8, os.cpu_count() or 1)
+    workers: int = field(default_factory=default_workers)
     vae_batch_size: int = 32
     device: str = "auto"
     max_images: Optional[int] = None
+    restart: bool = False
+
+    @property
+    def pixel_space(self) -> bool:
+        return self.vae is not None and self.vae.lower() == PIXEL_SPACE
 
     def check(self) -> None:
         if self.resolution <= 0 or self.resolution % 8:
-            raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE's "
-                             f"downsampling; REPA uses 256 or 512); got {self.resolution}")
+            raise UsageError(f"--resolution must be a positive multiple of 8 (the VAE's "
+                             f"downsampling; REPA uses 256 or 512); got {self.resolution}: "
+                             f"give e.g. --resolution 256")
         if self.image_format not in ("jpg", "png"):
-            raise ValueError(f"--image-format must be jpg or png; got {self.image_format!r}")
+            raise UsageError(f"--image-format must be jpg or png; got {self.image_format!r}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"--jpeg-quality must be in [1, 100]; got {self.jpeg_quality}")
+            raise UsageError(f"--jpeg-quality must be in [1, 100]; got {self.jpeg_quality}: "
+                             f"give e.g. --jpeg-quality 95")
         for name in ("shard_size", "vae_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got "
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1; got "
                                  f"{getattr(self, name)}")
         if self.workers < 0:
-            raise ValueError(f"--workers must be >= 0 (0: in this process); got {self.workers}")
+            raise UsageError(f"--workers must be >= 0 (0: in this process); got {self.workers}")
+        if self.max_images is not None and self.max_images < 1:
+            raise UsageError(f"--max-images must be >= 1 (leave it out for all images); got "
+                             f"{self.max_images}")
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -89,6 +126,20 @@ def _device(name: str):
     return torch.device(name)
 
 
+_MISSING_VAE = ("--vae is missing: give a local SD-VAE folder (diffusers) or weights file "
+                "(e.g. --vae weights/sd-vae-ft-ema), or --vae none for pixel space (no VAE: "
+                "training then models the pixels, as the demo does); only an official REPA "
+                "--source (images/ + vae-sd/) needs no --vae")
+
+
+def pixel_moments(pixels: np.ndarray) -> np.ndarray:
+    """The pixel-space "moments" of an HWC uint8 crop, as ``repa_fast.data.demo`` stores them:
+    ``concat(x, 0)`` with ``x = pixels/127.5 - 1``, float32 ``[2·3, H, W]``, so
+    ``sample_posterior(moments, 1, 0)`` returns ``x`` itself."""
+    x = pixels.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1
+    return np.concatenate([x, np.zeros_like(x)])
+
+
 class _Latents:
     """Moments per entry: from the VAE, or read from an official folder."""
 
@@ -99,15 +150,19 @@ class _Latents:
                                  scaling_factor=0.18215, latent_channels=4,
                                  fingerprint="official REPA vae-sd files")
             return
+        if config.pixel_space:
+            self.identity = dict(PIXEL_IDENTITY)
+            return
         if config.vae is None:
-            raise ValueError("--vae is required (a local SD-VAE folder or file) unless --source "
-                             "is an official REPA folder with vae-sd/ latents")
+            raise UsageError(_MISSING_VAE)
         from ..vae import load_vae, vae_identity
         self.vae = load_vae(config.vae, device=_device(config.device))
         self.identity = vae_identity(self.vae, config.vae)
         self.batch_size = config.vae_batch_size
 
     def __call__(self, done: list) -> list[bytes]:
+        if self.identity.get("fingerprint") == PIXEL_IDENTITY["fingerprint"]:
+            return [_npy_bytes(pixel_moments(pixels)) for _, _, pixels in done]
         if self.vae is None:
             return [self.source.read_latent(entry) for entry, *_ in done]
         import torch
@@ -126,17 +181,27 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
     """Run the preparation (see module doc); returns the index it wrote."""
     config.check()
     source = open_source(config.source)
+    if isinstance(source, OfficialSource) and config.pixel_space:
+        raise UsageError(f"--vae none (pixel space) does not apply to --source "
+                         f"{config.source}: it is an official REPA folder, converted with its "
+                         f"vae-sd/ latents; leave --vae out to convert it, or give an image "
+                         f"folder or zip for pixel space")
+    if not isinstance(source, OfficialSource) and config.vae is None:
+        raise UsageError(_MISSING_VAE)
     entries = source.entries[:config.max_images] if config.max_images else source.entries
     if not entries:
-        raise ValueError(f"--source {config.source!r} holds no images")
+        raise UsageError(f"--source {config.source!r} holds no images: give a folder of "
+                         f"class subfolders, a zip of them, or an official REPA folder")
     os.makedirs(config.dest, exist_ok=True)
     plan = _shards(entries, config.shard_size)
-    todo = [i for i in range(len(plan)) if finished_shard(config.dest, i) is None]
     image_format = "png" if isinstance(source, OfficialSource) else config.image_format
     job = dict(resolution=config.resolution, image_format=image_format,
                quality=config.jpeg_quality)
     with _DestLock(config.dest):
-        _check_manifest(config, source, len(entries), image_format)
+        if config.restart:
+            _restart(config.dest)
+        settings = _check_manifest(config, source, len(entries), image_format)
+        todo = [i for i in range(len(plan)) if finished_shard(config.dest, i) is None]
         old_index = None
         if not todo and os.path.exists(os.path.join(config.dest, INDEX)):
             try:  # nothing to encode: the VAE's identity comes from the index
@@ -144,6 +209,11 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
             except DataError:
                 pass  # damaged: rewritten below
         latents = _Latents(config, source) if old_index is None else None
+        if config.resolution not in ENCODER_RESOLUTIONS:  # said once the run goes ahead
+            print(f"prepare: warning: --resolution {config.resolution}: the default DINOv2 "
+                  f"alignment encoders train at 256 or 512 px; training at "
+                  f"{config.resolution} px needs --enc-type/--enc-weights that take it (e.g. "
+                  f"--enc-type demo)", file=sys.stderr)
         from tqdm import tqdm
         bar = tqdm(total=sum(len(plan[i]) for i in todo), unit="img", disable=not progress,
                    desc=f"preparing {len(todo)}/{len(plan)} shards", dynamic_ncols=True)
@@ -171,6 +241,9 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
                             _flush(writer, pending, latents, image_format)
                             pending = []
                     _flush(writer, pending, latents, image_format)
+                    if settings is not None:  # recorded with the first shard, not before
+                        write_json_atomic(os.path.join(config.dest, MANIFEST), settings)
+                        settings = None
                     writer.commit(skipped)
                 except BrokenProcessPool as error:
                     writer.abort()
@@ -187,6 +260,8 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
             bar.close()
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+        if settings is not None:  # finished shards of a run that recorded none
+            write_json_atomic(os.path.join(config.dest, MANIFEST), settings)
         identity = latents.identity if latents else old_index["vae"]
         return _write_index(config, source, plan, identity, image_format)
 
@@ -205,29 +280,116 @@ def _work(entry):
     return process_entry(_WORKER["source"], entry, **_WORKER["job"])
 
 
-def _read_json(directory: str, name: str) -> dict:
-    return read_json(os.path.join(directory, name), name,
-                     "it records the settings of the first run: delete it only if this run "
-                     "uses the same ones, else use a new --dest")
+_START_OVER = ("Use the same options to continue that run, --restart to delete its shards, index "
+               "and settings and start over with these, or a new --dest")
 
 
-def _check_manifest(config: PrepareConfig, source, count: int, image_format: str) -> None:
-    """First run: record what the shards are planned from. Later runs: refuse to mix shards
-    of a different plan into the same folder (missing samples, mixed sizes)."""
+def _shard_files(dest: str) -> list[str]:
+    """The finished-shard files (``shard-NNNNNN.tar`` / ``.json``) in ``dest``."""
+    return sorted(n for n in os.listdir(dest) if SHARD_FILE.fullmatch(n))
+
+
+def _check_manifest(config: PrepareConfig, source, count: int,
+                    image_format: str) -> Optional[dict]:
+    """Refuse to mix shards of a different plan into --dest (missing samples, mixed sizes).
+
+    The settings (``prepare.json``) are recorded with the first finished shard; returns them
+    when they are still to be written, None when ``prepare.json`` already holds them. A
+    ``prepare.json`` with no shard beside it (a run that stopped before finishing one, e.g.
+    on a usage error) binds nothing: it is replaced."""
+    vae = (PIXEL_SPACE if config.pixel_space
+           else os.path.abspath(config.vae) if config.vae else None)
     plan = dict(source=os.path.abspath(config.source), entries=count,
                 resolution=config.resolution, image_format=image_format,
                 jpeg_quality=config.jpeg_quality, shard_size=config.shard_size,
-                max_images=config.max_images, vae=os.path.abspath(config.vae) if config.vae else None)
+                max_images=config.max_images, vae=vae)
     path = os.path.join(config.dest, MANIFEST)
-    if not os.path.exists(path):
-        write_json_atomic(path, plan)
-        return
-    old = _read_json(config.dest, MANIFEST)
+    if not os.path.exists(path) or not _shard_files(config.dest):
+        return plan
+    old = read_json(path, MANIFEST,
+                    f"it records the settings of the shards in --dest {config.dest}: delete it "
+                    f"only if this run uses the same ones; else rerun with --restart to start "
+                    f"over, or use a new --dest")
+    old = old if isinstance(old, dict) else {}
     differ = [f"{k}: {old.get(k)!r} before, {v!r} now" for k, v in plan.items() if old.get(k) != v]
     if differ:
-        raise ValueError(f"--dest {config.dest} holds shards prepared with other settings ("
-                         + "; ".join(differ) + "). Use the same options to continue that run, "
-                         "or a new --dest")
+        raise UsageError(f"--dest {config.dest} holds shards prepared with other settings ("
+                         + "; ".join(differ) + "). " + _START_OVER)
+    return None
+
+
+def _restart(dest: str) -> None:
+    """``--restart``: delete the shards, shard metadata, index, report and settings of an
+    earlier prepare run in ``dest`` (and their temporary files), after checking that each is
+    prepare's own; anything else in ``dest`` is left alone. Refuses, deleting nothing, when a
+    file under one of those names was not written by prepare."""
+    names = sorted(os.listdir(dest))
+    doomed = [n for n in names if TEMPORARY.fullmatch(n)]
+    for name in names:
+        path = os.path.join(dest, name)
+        if SHARD_FILE.fullmatch(name) or name in (INDEX, REPORT, MANIFEST):
+            why = _not_ours(dest, name)
+            if why:
+                raise UsageError(
+                    f"--restart: {path} {why}, so it is not a file of python -m "
+                    f"repa_fast.data.prepare; nothing was deleted. Move it out of --dest "
+                    f"{dest} (or use a new --dest) and rerun")
+            doomed.append(name)
+    # the index first (a set half deleted must not look complete), then the shards' metadata
+    # (which makes them unfinished), the settings last: an interrupted --restart leaves no
+    # finished shard without the settings it was made with
+    order = {INDEX: 0, REPORT: 4, MANIFEST: 5}
+    doomed.sort(key=lambda n: (order.get(n, 1 if n.endswith(".json") else 2 if
+                                         n.endswith(".tar") else 3), n))
+    for name in doomed:
+        os.remove(os.path.join(dest, name))
+    if doomed:
+        print(f"prepare: --restart: deleted {len(doomed)} files of the earlier run in {dest}",
+              file=sys.stderr)
+
+
+def _json_dict(path: str) -> Optional[dict]:
+    try:
+        with open(path, "rb") as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _not_ours(dest: str, name: str) -> Optional[str]:
+    """Why ``dest/name`` is not what prepare writes under that name; None when it is."""
+    path = os.path.join(dest, name)
+    if not os.path.isfile(path) or os.path.islink(path):
+        return "is not a regular file"
+    if name == INDEX:
+        index = _json_dict(path)
+        if index is None or index.get("format") != FORMAT:
+            return f"is not a data set index (format {FORMAT})"
+    elif name == REPORT:
+        report = _json_dict(path)
+        if report is None or "skipped" not in report:
+            return "is not a report of skipped images"
+    elif name == MANIFEST:
+        if not os.path.getsize(path):
+            return None  # written empty by a run that died: prepare's all the same
+        manifest = _json_dict(path)
+        if manifest is None or not {"source", "shard_size", "resolution"} <= set(manifest):
+            return "is not a record of prepare settings"
+    elif name.endswith(".json"):
+        meta = _json_dict(path)
+        if meta is None or meta.get("shard") != name[:-len(".json")] + ".tar" \
+                or "samples" not in meta:
+            return "is not shard metadata"
+    else:  # a shard: an uncompressed tar of {key}.{jpg,png,latent.npy,cls} members
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                for _, member in zip(range(6), tar):
+                    if not re.fullmatch(r"[^/]+\.(jpg|png|latent\.npy|cls)", member.name):
+                        return f"holds {member.name!r}, not a sample of a shard"
+        except (OSError, tarfile.TarError) as error:
+            return f"is not a shard (tar) file ({error})"
+    return None
 
 
 def _process_start(pid: int) -> Optional[str]:
@@ -386,7 +548,8 @@ def _write_index(config: PrepareConfig, source, plan: list, vae: dict, image_for
                  label_range=[min(class_counts), max(class_counts)] if class_counts else None,
                  class_counts={str(k): v for k, v in sorted(class_counts.items())},
                  vae=vae, shards=shards, report=REPORT,
-                 config={k: v for k, v in asdict(config).items() if k not in ("source", "dest")})
+                 config={k: v for k, v in asdict(config).items()
+                         if k not in ("source", "dest", "restart")})
     write_json_atomic(os.path.join(config.dest, INDEX), index)
     return index
 
@@ -395,18 +558,41 @@ def parse_args(argv=None) -> PrepareConfig:
     defaults = PrepareConfig(source="", dest="")
     p = argparse.ArgumentParser(prog="python -m repa_fast.data.prepare",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", required=True, help="image folder, .zip, or official REPA folder")
-    p.add_argument("--dest", required=True, help="output folder for shards and index.json")
-    p.add_argument("--resolution", type=int, default=defaults.resolution)
-    p.add_argument("--vae", help="local SD-VAE folder (diffusers) or weights file")
-    p.add_argument("--image-format", choices=["jpg", "png"], default=defaults.image_format)
-    p.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality)
-    p.add_argument("--shard-size", type=int, default=defaults.shard_size)
-    p.add_argument("--workers", type=int, default=defaults.workers,
-                   help="crop/encode processes (0: in this process)")
-    p.add_argument("--vae-batch-size", type=int, default=defaults.vae_batch_size)
-    p.add_argument("--device", default=defaults.device, help="VAE device: auto, cuda, cpu, ...")
-    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--source", required=True, metavar="PATH",
+                   help="image folder (class subfolders), .zip, or official REPA folder "
+                        "(images/ + vae-sd/)")
+    p.add_argument("--dest", required=True, metavar="DIR",
+                   help="output folder for the shards, index.json, report.json and "
+                        "prepare.json")
+    p.add_argument("--resolution", type=int, metavar="PX", default=defaults.resolution,
+                   help="side of the square center crop in pixels, a multiple of 8 (REPA: 256 "
+                        "or 512) (default: %(default)s)")
+    p.add_argument("--vae", metavar="PATH|none", default=defaults.vae,
+                   help="local SD-VAE folder (diffusers) or weights file whose moments are "
+                        "stored; 'none' for pixel space (no VAE: training models the pixels, "
+                        "as the demo) (no default: required unless --source is an official "
+                        "REPA folder, whose vae-sd/ latents are used)")
+    p.add_argument("--image-format", choices=["jpg", "png"], default=defaults.image_format,
+                   help="how the crops are stored: JPEG (4:4:4) or lossless PNG "
+                        "(default: %(default)s; official REPA folders keep their PNGs)")
+    p.add_argument("--jpeg-quality", type=int, metavar="Q", default=defaults.jpeg_quality,
+                   help="JPEG quality, 1-100 (default: %(default)s)")
+    p.add_argument("--shard-size", type=int, metavar="N", default=defaults.shard_size,
+                   help="samples per shard (default: %(default)s)")
+    p.add_argument("--workers", type=int, metavar="N", default=defaults.workers,
+                   help="crop/encode processes, 0: in this process (default: %(default)s, the "
+                        "CPUs this process may use, at most 8)")
+    p.add_argument("--vae-batch-size", type=int, metavar="N", default=defaults.vae_batch_size,
+                   help="images per VAE encoding batch (default: %(default)s)")
+    p.add_argument("--device", metavar="DEVICE", default=defaults.device,
+                   help="VAE device: auto (cuda when available, else cpu), cuda, cuda:1, cpu, "
+                        "... (default: %(default)s)")
+    p.add_argument("--max-images", type=int, metavar="N", default=defaults.max_images,
+                   help="prepare only the first N images of --source (default: all)")
+    p.add_argument("--restart", action="store_true",
+                   help="delete the shards, index, report and settings that an earlier prepare "
+                        "run left in --dest (after checking they are prepare's), then start "
+                        "over (default: off: continue the earlier run's unfinished shards)")
     return PrepareConfig(**{k.replace("-", "_"): v for k, v in vars(p.parse_args(argv)).items()})
 
 
