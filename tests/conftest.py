@@ -1,5 +1,5 @@
 """Test set-up: Triton's CPU interpreter where no GPU is present, an Inductor cache per
-version of the custom ops, fresh seeds per test."""
+version of the custom ops, a machine cache per session, fresh seeds per test."""
 import hashlib
 import os
 import pathlib
@@ -26,6 +26,10 @@ _OPS = pathlib.Path(__file__).resolve().parents[1] / "repa_fast" / "ops"
 _digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_OPS.glob("*.py"))))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"torchinductor_repa_fast_{_digest.hexdigest()[:12]}"))
+
+# the per-machine cache (shards already verified, tuned tiles) of a test session is its own:
+# tests never read or fill the user's ~/.cache/repa_fast
+os.environ.setdefault("REPA_FAST_CACHE", tempfile.mkdtemp(prefix="repa_fast_test_cache_"))
 
 
 @pytest.fixture

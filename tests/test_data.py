@@ -20,6 +20,13 @@ RES = 32  # small images keep the tiny VAE fast; latents are [8, 4, 4]
 SIZES = [(37, 53), (64, 41), (90, 33), (33, 33), (120, 70)]
 
 
+@pytest.fixture(autouse=True)
+def machine_cache(tmp_path, monkeypatch):
+    """The loaders' per-machine cache (verified-shard records) of this test alone, never the
+    real one in the home folder."""
+    monkeypatch.setenv("REPA_FAST_CACHE", str(tmp_path / "machine-cache"))
+
+
 def official_crop(arr, image_size):
     """The official center_crop_imagenet, written out from ADM's description."""
     pil = Image.fromarray(arr)

@@ -1,6 +1,7 @@
 """Damaged inputs and interrupted runs of the data pipeline: symlink loops in a source folder,
 16-bit images, damaged shards and samples, stale prepare locks and orphaned workers, and the
 prepare command's error reports."""
+import errno
 import io
 import json
 import os
@@ -31,6 +32,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_dali = pytest.mark.skipif(dali_problem() is not None, reason="nvidia-dali not installed")
 
 
+@pytest.fixture(autouse=True)
+def machine_cache(tmp_path, monkeypatch):
+    """The loaders' per-machine cache (verified-shard records) of this test alone, never the
+    real one in the home folder."""
+    folder = tmp_path / "machine-cache"
+    monkeypatch.setenv("REPA_FAST_CACHE", str(folder))
+    return folder
+
+
 def jpeg_bytes(rng, w, h):
     out = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(out, format="JPEG")
@@ -54,7 +64,7 @@ def test_symlink_loops_list_each_real_file_once(tmp_path):
     os.symlink("../fish", src / "fish" / "loop")
     os.symlink(".", src / "selfloop")
     os.symlink(outside, src / "dog")           # a linked class folder: followed
-    os.symlink("fish", src / "zfish")          # the same folder twice: listed under fish/
+    os.symlink("../cat", src / "fish" / "zcat")  # the same folder twice: listed under cat/
     with pytest.warns(UserWarning) as caught:
         source = open_source(str(src))
     names = [e.name for e in source.entries]
@@ -63,7 +73,55 @@ def test_symlink_loops_list_each_real_file_once(tmp_path):
     assert sorted({e.label for e in source.entries}) == [0, 1, 2]
     assert all(e.label == 2 for e in source.entries if e.name.startswith("fish/"))
     text = " ".join(str(w.message) for w in caught)
-    assert "fish/loop" in text and "selfloop" in text and "zfish" in text
+    assert "fish/loop" in text and "selfloop" in text and "fish/zcat" in text
+
+
+def _images(folder, count, data):
+    folder.mkdir(parents=True)
+    for i in range(count):
+        (folder / f"{folder.name}{i}.jpg").write_bytes(data)
+
+
+def test_a_second_path_to_a_class_folder_is_refused(tmp_path):
+    """Issue: with class folders a, b -> a and c, folder b was left out (a second path to the
+    real folder a) with only a warning: class c got label 1 instead of 2. A top-level class
+    folder that is a second path to a folder already listed is a usage error naming both;
+    links to folders outside the source and loops inside a class folder still work."""
+    from repa_fast.errors import UsageError
+    data = jpeg_bytes(np.random.default_rng(1), 8, 8)
+    src = tmp_path / "src"
+    for name in ("a", "c"):
+        _images(src / name, 2, data)
+    os.symlink("a", src / "b")
+    with pytest.raises(UsageError, match=r"class folder 'b' \(a link to a\) is a second path "
+                                         r"to the folder 'a' .*two labels"):
+        open_source(str(src))
+    os.remove(src / "b")  # b reached first through a link inside a: b is the second path
+    _images(src / "b", 2, data)
+    os.symlink("../b", src / "a" / "x")
+    with pytest.raises(ValueError, match=r"class folder 'b' is a second path to the folder "
+                                         r"'a/x' .*two labels"):
+        open_source(str(src))
+    os.remove(src / "a" / "x")
+    _images(tmp_path / "outside", 3, data)
+    os.symlink(tmp_path / "outside", src / "d")  # two links to one folder outside the source
+    os.symlink(tmp_path / "outside", src / "e")
+    with pytest.raises(ValueError, match=r"'e' \(a link to .*outside\) is a second path to "
+                                         r"the folder 'd'"):
+        open_source(str(src))
+    os.remove(src / "e")  # outside the source, once: a class of its own
+    os.symlink("../outside", tmp_path / "outside" / "loop")  # a loop inside a class folder
+    with pytest.warns(UserWarning, match="d/loop"):
+        source = open_source(str(src))
+    assert [(e.name.split("/")[0], e.label) for e in source.entries] == (
+        [("a", 0)] * 2 + [("b", 1)] * 2 + [("c", 2)] * 2 + [("d", 3)] * 3)
+    # labels from dataset.json: the folders define none, a second path is only cut
+    labels = [[e.name, e.label] for e in source.entries]
+    (src / "dataset.json").write_text(json.dumps({"labels": labels}))
+    os.symlink("a", src / "z")
+    with pytest.warns(UserWarning, match="z -> a"):
+        again = open_source(str(src))
+    assert [[e.name, e.label] for e in again.entries] == labels
 
 
 # ---------------------------------------------------------------- 5. 16-bit images
@@ -349,14 +407,184 @@ def test_bad_samples_are_named_then_skipped_and_counted(tmp_path, workers):
     assert resumed.skipped_samples == 0
 
 
-def test_shards_are_hashed_once_per_process_not_per_sample(tmp_path, monkeypatch):
+def _count_hashes(monkeypatch, log):
+    """Log every shard hash to the file ``log`` (also from forked loader workers)."""
+    import repa_fast.data.shards as shards
+    real = shards.file_checksum
+
+    def counted(path):
+        with open(log, "a") as f:
+            f.write(os.path.basename(path) + "\n")
+        return real(path)
+    monkeypatch.setattr(shards, "file_checksum", counted)
+
+    def hashed():
+        names = sorted(log.read_text().split()) if log.exists() else []
+        log.unlink(missing_ok=True)
+        return names
+    return hashed
+
+
+def test_shards_are_hashed_once_per_machine_and_file_version(tmp_path, monkeypatch,
+                                                             machine_cache):
+    """Issue: every rank hashed every shard it opened, in every run (the marks of a shard
+    that passed lived in a temporary folder of one loader iteration): ~80 GB read per rank
+    for ImageNet at each start. A shard that passes is recorded in the machine's cache, keyed
+    by its path, size, mtime, inode and recorded checksum: other loaders (ranks, restarts,
+    their workers) do not hash it again until the file changes."""
+    root = _demo(tmp_path / "d")
+    hashed = _count_hashes(monkeypatch, tmp_path / "hashes.log")
+    names = [f"shard-{i:06d}.tar" for i in range(4)]
+    config = dict(batch_size=4, seed=1, num_workers=0, backend="torch", return_keys=True)
+    want = _expected_keys(24, 1, set(), 4, 2)
+    assert _keys(_collect(make_loader(LoaderConfig(str(root), **config)), 12)) == want
+    assert hashed() == names  # once each, not per sample
+    for workers in (0, 1):  # a new loader, in this process and in a worker process
+        got = _collect(make_loader(LoaderConfig(str(root), **{**config,
+                                                              "num_workers": workers})), 12)
+        assert _keys(got) == want and hashed() == []
+    records = machine_cache / "verified-shards"
+    assert len([p for p in records.iterdir() if not p.name.endswith(".lock")]) == 4
+    # a rewritten shard (here: same size, new mtime) is hashed again, and found damaged
+    shard = _finite_damage(root, 7)
+    path = root / f"shard-{shard:06d}.tar"
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match=rf"shard-{shard:06d}\.tar is damaged.*crc32:"):
+        _collect(make_loader(LoaderConfig(str(root), **config)), 12)
+    assert hashed() == [path.name]
+    # a replaced one (same size and mtime, another inode) too, and passes
+    other = root / "shard-000003.tar"
+    shutil.copy2(other, tmp_path / "copy.tar")  # copy2 keeps the mtime
+    os.replace(tmp_path / "copy.tar", other)
+    config.update(on_bad_sample="skip")
+    with pytest.warns(UserWarning, match="WHOLE SHARD"):
+        _collect(make_loader(LoaderConfig(str(root), **config)), 12)
+    assert hashed() == sorted([path.name, other.name])  # the damaged one is not recorded
+
+
+def test_unwritable_machine_cache_falls_back_to_each_loader(tmp_path, monkeypatch):
+    """No cache folder can be made (here: REPA_FAST_CACHE is a file): no warning, and each
+    loader iteration hashes each shard once, as before the cache."""
+    root = _demo(tmp_path / "d")
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("REPA_FAST_CACHE", str(tmp_path / "not-a-folder"))
+    hashed = _count_hashes(monkeypatch, tmp_path / "hashes.log")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            _collect(make_loader(LoaderConfig(str(root), batch_size=4, num_workers=0,
+                                              backend="torch")), 12)
+            assert hashed() == [f"shard-{i:06d}.tar" for i in range(4)]
+    assert not [w for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_loaders_hashing_one_shard_take_turns(tmp_path, monkeypatch):
+    """Two loaders (ranks) opening the same unrecorded shards at the same time: one hashes
+    each shard, the other waits for its record (the lock is per open file, so loaders in two
+    threads show it as two processes would)."""
+    import threading
+    import time
+
     import repa_fast.data.shards as shards
     root = _demo(tmp_path / "d")
-    calls, real = [], shards.file_checksum
-    monkeypatch.setattr(shards, "file_checksum", lambda path: calls.append(path) or real(path))
-    loader = make_loader(LoaderConfig(str(root), batch_size=4, num_workers=0, backend="torch"))
-    _collect(loader, 12)  # two epochs, every shard opened many times
-    assert sorted(os.path.basename(p) for p in calls) == [f"shard-{i:06d}.tar" for i in range(4)]
+    hashed = _count_hashes(monkeypatch, tmp_path / "hashes.log")
+    counted = shards.file_checksum
+    monkeypatch.setattr(shards, "file_checksum", lambda path: time.sleep(0.2) or counted(path))
+    got = []
+
+    def rank():
+        loader = make_loader(LoaderConfig(str(root), batch_size=4, num_workers=0,
+                                          backend="torch", return_keys=True))
+        got.append(_keys(_collect(loader, 6)))
+    threads = [threading.Thread(target=rank) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(got) == 2 and got[0] == got[1] == _expected_keys(24, 0, set(), 4, 1)
+    assert hashed() == [f"shard-{i:06d}.tar" for i in range(4)]
+
+
+def test_io_errors_are_raised_not_skipped_nor_remembered(tmp_path, monkeypatch):
+    """Issue: an I/O error while reading (EIO, ESTALE on network storage) became a bad sample
+    (a usage error, exit 2), and under "skip" the sample, or the whole shard, was dropped for
+    the rest of the process, on some workers only. It is raised as an OSError naming the shard
+    and the key (exit 1); nothing is remembered: once the storage answers, the same loader
+    reads the same samples, none skipped. A missing shard is still damage."""
+    import builtins
+
+    import repa_fast.data.samples as samples
+    import repa_fast.data.shards as shards
+    from repa_fast.errors import exit_code
+    root = _demo(tmp_path / "d")
+    failing = {"read": True, "hash": True}
+
+    class Flaky:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, *args):
+            if failing["read"]:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return self.f.read(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(samples, "open", lambda *a: Flaky(builtins.open(*a)), raising=False)
+    config = dict(batch_size=4, seed=1, num_workers=0, backend="torch", return_keys=True)
+    want = _expected_keys(24, 1, set(), 4, 1)
+    shard, _ = _sample_where(root, want[0][0])
+    for mode, workers in (("skip", 0), ("error", 0), ("skip", 1)):
+        loader = make_loader(LoaderConfig(str(root), on_bad_sample=mode,
+                                          **{**config, "num_workers": workers}))
+        with pytest.raises(OSError) as caught:
+            _collect(loader, 6)
+        error = caught.value
+        assert not isinstance(error, ValueError) and exit_code(error) == 1
+        assert error.errno == errno.EIO and f"(reading sample {want[0][0]:08d})" in str(error)
+        assert error.filename == str(root / f"shard-{shard:06d}.tar")
+        assert loader.skipped_samples == 0 and loader.state_dict()["batch"] == 0
+    failing["read"] = False
+    assert _keys(_collect(loader, 6)) == want and loader.skipped_samples == 0  # same loader
+
+    real = shards.file_checksum
+
+    def flaky_hash(path):
+        if failing["hash"]:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return real(path)
+    monkeypatch.setattr(shards, "file_checksum", flaky_hash)
+    monkeypatch.setenv("REPA_FAST_CACHE", str(tmp_path / "fresh"))  # no shard recorded yet
+    loader = make_loader(LoaderConfig(str(root), on_bad_sample="skip", **config))
+    with pytest.raises(OSError, match=r"checksum.*shard-\d{6}\.tar") as caught:
+        _collect(loader, 6)
+    assert caught.value.errno == errno.ESTALE and not isinstance(caught.value, ValueError)
+    failing["hash"] = False
+    assert _keys(_collect(loader, 6)) == want and loader.skipped_samples == 0
+
+    os.remove(root / "shard-000002.tar")  # missing: damage, named, skipped under "skip"
+    bad = {int(s["key"]) for s in _meta(root, 2)["samples"]}
+    with pytest.raises(ValueError, match=r"shard-000002\.tar is missing"):
+        _collect(make_loader(LoaderConfig(str(root), **config)), 6)
+    with pytest.warns(UserWarning, match=r"WHOLE SHARD.*shard-000002\.tar is missing"):
+        got = _collect(make_loader(LoaderConfig(str(root), on_bad_sample="skip", **config)), 6)
+    assert _keys(got) == _expected_keys(24, 1, bad, 4, 1)
+
+
+def test_io_error_listing_a_shard_without_metadata_is_not_damage(tmp_path, monkeypatch):
+    import repa_fast.data.samples as samples
+    from repa_fast.data.samples import SampleTable
+    root = _demo(tmp_path / "d", num_samples=12)
+    os.remove(root / "shard-000001.json")  # listed by scanning its tar
+
+    def failing(*args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(root / "shard-000001.tar"))
+    monkeypatch.setattr(samples.tarfile, "open", failing)
+    with pytest.raises(OSError) as caught:
+        SampleTable(str(root))
+    assert caught.value.errno == errno.EIO and not isinstance(caught.value, ValueError)
 
 
 @needs_dali

@@ -24,9 +24,12 @@ cannot reproduce a seeded global shuffle or resume mid-epoch, which is why the o
 left to it.
 
 Damaged data (details in :mod:`repa_fast.data.samples`): shards are checked against their
-``index.json`` checksums when first opened, samples as they are read, and every error names
-the shard file and the sample key. ``on_bad_sample="error"`` (default) raises
-:class:`BadSampleError` (a ``ValueError``) at the batch holding the first bad sample;
+``index.json`` checksums when first opened (hashed once per machine and file version: the
+records of shards that passed are kept in ``verified-shards/`` of
+``${REPA_FAST_CACHE:-~/.cache/repa_fast}``), samples as they are read, and every error names
+the shard file and the sample key. I/O errors are not damage: they are raised as an
+``OSError`` naming shard and key, under either setting. ``on_bad_sample="error"`` (default)
+raises :class:`BadSampleError` (a ``ValueError``) at the batch holding the first bad sample;
 ``"skip"`` replaces each bad sample by the next good one of the rank's epoch order (batch
 shapes and the place of every other sample unchanged), warns once per bad sample
 (:class:`BadSampleWarning`) and counts the replacements in ``loader.skipped_samples``
@@ -36,9 +39,9 @@ trusted; one loud warning names it. DALI: the reader processes check checksums, 
 labels and image headers (format, size, PNG chunk CRCs), so its decoder sees only images
 that passed them; damage inside a JPEG's compressed data is found by DALI's decoder alone,
 and the loader then raises under either setting (a DALI pipeline cannot continue past a
-failed decode), naming the sample, which it finds by decoding the batches around the
-failure with PIL. JPEG damage that still decodes (libjpeg's "Corrupt JPEG data" warnings)
-is caught by neither loader unless the shard's checksum is recorded.
+failed decode), naming the sample, which it finds by decoding the batches around the failure
+with PIL. JPEG damage that still decodes (libjpeg's "Corrupt JPEG data" warnings) is caught
+by neither loader unless the shard's checksum is recorded.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ from .child_process import leave_signals_to_parent
 from .samples import (BadSampleError, BadSampleWarning, DALIBatchSource, SampleTable,
                       batches_per_epoch, check_image_header, decode_latent, decode_pixels,
                       epoch_order, read_batch, read_counts, scan_tar)
+from .shards import verified_dir
 
 __all__ = ["BACKENDS", "BadSampleError", "BadSampleWarning", "DALILoader", "LoaderConfig",
            "SampleTable", "TorchLoader", "dali_problem", "decode_latent", "epoch_order",
@@ -171,14 +175,15 @@ class _Loader:
         self.skipped_samples += len(bad)
 
     def _scratch(self) -> str:
-        """A folder for this iteration's shared state (shard-check marks, the DALI readers'
-        table), removed when the iteration ends."""
+        """A folder for this iteration's shared state (the DALI readers' table), removed
+        when the iteration ends; the shard records go to the machine's folder, or to this
+        one when that cannot be written (then shared by this iteration's processes only)."""
         folder = tempfile.mkdtemp(prefix="repa-fast-loader-")
-        self.table.marks = folder
+        self.table.records = verified_dir() or folder
         return folder
 
     def _end_scratch(self, folder: str) -> None:
-        self.table.marks = None
+        self.table.records = None
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -201,6 +206,8 @@ class TorchLoader(_Loader):
                 # Ctrl-C / SIGTERM to the process group: training saves first, then stops us
                 worker_init_fn=leave_signals_to_parent)
             for epoch, batch, images, moments, labels, keys, bad in loader:
+                if isinstance(bad, OSError):  # a worker's read error, raised here
+                    raise bad
                 self._bad_samples(bad)
                 self._advance(epoch, batch)
                 yield ((images, moments, labels, keys) if c.return_keys
@@ -224,8 +231,19 @@ class _BatchDataset(torch.utils.data.IterableDataset):
         for n, (epoch, batch, order, start) in enumerate(batches):
             if n % workers != worker:
                 continue
-            ids, pixels, moments, bad = read_batch(self.table, order, start,
-                                                   self.config.batch_size, handles, decode_pixels)
+            try:
+                ids, pixels, moments, bad = read_batch(self.table, order, start,
+                                                       self.config.batch_size, handles,
+                                                       decode_pixels)
+            except OSError as error:
+                if info is None:
+                    raise
+                # In a worker: handed to the loader, which raises it whole (errno, path). A
+                # worker's own exception comes back as text, and its traceback keeps the
+                # DataLoader's iterator, so the workers (they ignore SIGTERM) alive, and an
+                # exiting interpreter waits for them forever.
+                yield epoch, batch, None, None, None, None, error
+                return
             images = [torch.from_numpy(p).permute(2, 0, 1) for p in pixels]
             yield (epoch, batch, torch.stack(images),
                    torch.stack([torch.from_numpy(m) for m in moments]),
@@ -307,7 +325,7 @@ class DALILoader(_Loader):
             raise ValueError(f"batch_size {c.batch_size} is larger than the "
                              f"{-(-len(self.table) // c.world_size)} samples rank {c.rank} reads "
                              f"per epoch")
-        scratch = self._scratch()  # the readers' table and shard-check marks
+        scratch = self._scratch()  # the readers' table
         pipe = None
         try:
             if self.readers:

@@ -12,10 +12,17 @@ Sample order (both loaders)::
 
 Damaged data (both loaders, in the processes that read):
 
-* a shard is checked against its ``index.json`` checksum when first opened: once per shard
-  per loader iteration (the processes of one iteration share a folder of marks, so each
-  shard is hashed about once between them), never per sample. Indexes without checksums
-  (older versions) are read unchecked, with one warning;
+* a shard is checked against its ``index.json`` checksum when first opened, never per
+  sample, and hashed once per machine and file version: a shard that passes is recorded in
+  ``${REPA_FAST_CACHE:-~/.cache/repa_fast}/verified-shards/``, keyed by its absolute path,
+  size, mtime, inode and recorded checksum (:mod:`repa_fast.data.shards`), so the other ranks
+  and loader processes of the machine, and later runs, do not hash it again; processes about
+  to hash the same shard take turns. A rewritten shard (size, mtime or inode changed) is
+  hashed again; damage that leaves size and mtime unchanged after it was recorded (bit rot)
+  is caught only with a fresh cache (another ``REPA_FAST_CACHE``, or delete the folder).
+  Where that folder cannot be written, the records go to a temporary folder of the loader
+  iteration, shared by its processes. Indexes without checksums (older versions) are read
+  unchecked, with one warning;
 * every sample is checked as it is read: its moments parse as a float32 ``.npy`` of the data
   set's shape with finite values, its label is an integer, its image is a JPEG or PNG of
   the data set's size with valid PNG chunk checksums, and decodes (PyTorch loader; DALI
@@ -23,7 +30,12 @@ Damaged data (both loaders, in the processes that read):
 * a bad sample (or every sample of a shard that fails its checksum) is replaced by the next
   good sample of the rank's epoch order, so the batch keeps its shape and every other sample
   its place, and reported to the loader with a message naming the shard file and the key;
-  the loader then raises it (``on_bad_sample="error"``) or warns and counts (``"skip"``).
+  the loader then raises it (``on_bad_sample="error"``) or warns and counts (``"skip"``);
+* an I/O error (EIO, ESTALE on network storage, permission denied) is the storage's, not
+  the data's: it is raised as an ``OSError`` naming the shard file and the sample key (exit
+  code 1), neither remembered nor skipped under either setting, so a transient error never
+  drops a sample on some workers only (a resumed run reads what an uninterrupted one would).
+  A missing shard file is damage.
 """
 from __future__ import annotations
 
@@ -114,7 +126,7 @@ class SampleTable:
                           f"tool): damaged shards cannot be detected. Rerunning the prepare "
                           f"command that made it adds them", stacklevel=3)
         self.latent_shape, self.resolution = latent_shape(self.index), self.index.get("resolution")
-        self.marks: Optional[str] = None  # folder of "shard checked" marks shared by processes
+        self.records: Optional[str] = None  # folder of verified-shard records (module doc)
         self.hash_shards = True           # False: shards are checked by size only (no read)
         self._reset()
 
@@ -144,7 +156,7 @@ class SampleTable:
         with open(os.path.join(directory, "shards.json"), "w") as f:
             json.dump(dict(data_dir=self.data_dir, shards=self.shards, checks=self.checks,
                            latent_shape=self.latent_shape, resolution=self.resolution,
-                           marks=self.marks, hash_shards=self.hash_shards), f)
+                           records=self.records, hash_shards=self.hash_shards), f)
 
     @classmethod
     def load(cls, directory: str) -> "SampleTable":
@@ -155,7 +167,7 @@ class SampleTable:
             meta = json.load(f)
         table.data_dir, table.shards, table.index = meta["data_dir"], meta["shards"], None
         table.checks, table.resolution = meta["checks"], meta["resolution"]
-        table.marks, table.hash_shards = meta["marks"], meta["hash_shards"]
+        table.records, table.hash_shards = meta["records"], meta["hash_shards"]
         table.latent_shape = tuple(meta["latent_shape"]) if meta["latent_shape"] else None
         table._reset()
         columns = np.load(os.path.join(directory, "table.npy"), mmap_mode="r")
@@ -166,7 +178,8 @@ class SampleTable:
     def read(self, i: int, handles: dict) -> tuple[bytes, bytes]:
         """Encoded image and moments bytes of sample ``i``. ``handles`` keeps the most
         recently used shard files open (at most MAX_OPEN: ImageNet has over a thousand
-        shards, more than the usual limit of open files)."""
+        shards, more than the usual limit of open files). A missing shard raises
+        ``FileNotFoundError``; any other ``OSError`` is raised naming the shard and key."""
         s = int(self.shard[i])
         f = handles.pop(s, None)  # re-inserted below: the dict's order is the recency order
         if f is None:
@@ -176,12 +189,25 @@ class SampleTable:
                                      int(self.key[i]), whole_shard=True)
             if len(handles) >= MAX_OPEN:
                 handles.pop(next(iter(handles))).close()
-            f = open(os.path.join(self.data_dir, self.shards[s]), "rb")
+        path = os.path.join(self.data_dir, self.shards[s])
+        try:
+            if f is None:
+                f = open(path, "rb")
+            f.seek(int(self.image_offset[i]))
+            image = f.read(int(self.image_size[i]))
+            f.seek(int(self.latent_offset[i]))
+            latent = f.read(int(self.latent_size[i]))
+        except OSError as error:
+            if f is not None:  # not kept: the next try opens the file afresh (ESTALE)
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            if isinstance(error, FileNotFoundError):
+                raise
+            raise OSError(error.errno, f"{error.strerror or error} (reading sample "
+                                       f"{self.key_text(i)})", path) from error
         handles[s] = f
-        f.seek(int(self.image_offset[i]))
-        image = f.read(int(self.image_size[i]))
-        f.seek(int(self.latent_offset[i]))
-        latent = f.read(int(self.latent_size[i]))
         thread = threading.current_thread().name
         READS[thread] += 1
         READ_BYTES[thread] += len(image) + len(latent)
@@ -191,28 +217,21 @@ class SampleTable:
         return f"{int(self.key[i]):08d}"
 
     def check_shard(self, s: int) -> Optional[str]:
-        """Why shard ``s`` cannot be used (its checksum fails, it cannot be read), or None;
-        hashed the first time it is asked for in this process, unless another process of
-        the same loader left a mark that it passed."""
+        """Why shard ``s`` cannot be used (it is missing or fails its checksum), or None;
+        asked once per process, hashed unless ``records`` shows this version of the file
+        passed (module doc). An ``OSError`` (EIO, ...) is raised and not remembered."""
         if s in self._shard_problem:
             return self._shard_problem[s]
-        mark = os.path.join(self.marks, f"checked-{s}") if self.marks else None
-        if mark and os.path.exists(mark):
-            problem = None
-        else:
-            problem = verify_shard(self.data_dir, self.checks[s], full=self.hash_shards)
-            if problem is None and mark:
-                try:
-                    open(mark, "wb").close()
-                except OSError:
-                    pass  # the loader ended and removed the folder: no one to tell
+        problem = verify_shard(self.data_dir, self.checks[s], full=self.hash_shards,
+                               records=self.records)
         self._shard_problem[s] = problem
         return problem
 
     def sample(self, i: int, handles: dict, decode_image: Callable):
         """``(decode_image(image bytes, resolution), moments, label)`` of sample ``i``, each
         checked (module doc); :class:`BadSampleError` naming the shard and key when one
-        fails."""
+        fails (remembered: asked again, it fails again without a read). An I/O error is
+        raised as an ``OSError`` naming both, and not remembered."""
         if i in self._bad:  # a new error each time: a re-raised one grows its traceback
             raise BadSampleError(*self._bad[i])
         shard_path = os.path.join(self.data_dir, self.shards[int(self.shard[i])])
@@ -224,8 +243,9 @@ class SampleTable:
 
         try:
             image, latent = self.read(i, handles)
-        except OSError as error:
-            raise bad(f"cannot be read ({error.strerror or error})") from None
+        except FileNotFoundError as error:  # the shard went after it was checked
+            raise bad(f"cannot be read: the shard file is missing ({error.strerror or error})"
+                      ) from None
         label = int(self.label[i])
         if label < 0:
             raise bad("its .cls label is not an integer")
@@ -326,7 +346,7 @@ def scan_tar(path: str) -> list[dict]:
                         sample["label"] = int(tar.extractfile(member).read())
                     except ValueError:
                         sample["label"] = -1  # reported when read: a bad sample, named
-    except (tarfile.TarError, OSError) as error:
+    except (tarfile.TarError, FileNotFoundError) as error:  # other OSErrors: the storage's
         raise DataError(f"{path} cannot be read as a tar file ({error}); recreate it") from None
     return [s for s in samples.values() if {"image", "latent", "label"} <= s.keys()]
 

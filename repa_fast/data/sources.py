@@ -10,7 +10,11 @@ file and folder once: a file reachable through several paths (a linked folder, a
 file) is listed once, under the first of its paths in sorted order, and takes that path's
 label. Links that lead back into a folder being walked (``fish/loop -> ../fish``,
 ``selfloop -> .``) or to a folder already listed are not followed, with one warning naming
-them.
+them. Where the top-level folders are the classes (no labels in ``dataset.json``), a
+top-level folder that is a second path to a folder already listed (``b -> a``, or ``b`` also
+reached as ``a/x -> ../b``) is refused with a :class:`~repa_fast.errors.UsageError`: its
+images would belong to two classes, and leaving it out would drop a class and shift the
+labels of every class after it.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from PIL import Image
+
+from ..errors import UsageError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 
@@ -59,9 +65,11 @@ def _listed_labels(raw: Optional[bytes]) -> Optional[dict]:
     return {name: label for name, label in data} if data else None
 
 
-def walk_files(top: str, wanted) -> list[str]:
+def walk_files(top: str, wanted, classes: bool = False) -> list[str]:
     """Relative ``/``-separated paths of the files under ``top`` whose name ``wanted`` accepts,
-    sorted, following symbolic links, each real file once (see module doc).
+    sorted, following symbolic links, each real file once (see module doc). ``classes``: the
+    top-level folders define the labels, and one that is a second path to a folder already
+    listed is a :class:`UsageError`, naming both paths.
 
     Folders are expanded in the sorted order of their paths: a heap keyed by ``path + "/"``,
     and a folder's key extends its parent's, so the pops come in the sorted order of all
@@ -78,6 +86,14 @@ def walk_files(top: str, wanted) -> list[str]:
             parent = os.path.realpath(os.path.dirname(path))
             loop = parent == real or parent.startswith(real.rstrip(os.sep) + os.sep)
             target = os.readlink(path) if os.path.islink(path) else real
+            if classes and rel.count("/") == 1 and not loop:  # a top-level class folder
+                link = f" (a link to {target})" if os.path.islink(path) else ""
+                raise UsageError(
+                    f"{top}: the class folder {rel[:-1]!r}{link} is a second path to the "
+                    f"folder {walked[real][:-1]!r} ({real}), already listed: each of its "
+                    f"images would get two labels, and leaving {rel[:-1]!r} out would drop "
+                    f"its class and shift the labels of the classes after it. Make one of "
+                    f"them a copy or remove it, or give the labels in dataset.json")
             cut.append(f"{rel[:-1]} -> {target} ("
                        + ("a loop back to " if loop else "the same folder as ")
                        + f"{walked[real][:-1] or '.'})")
@@ -133,9 +149,11 @@ class FolderSource(Source):
 
     def __init__(self, path: str):
         super().__init__(path)
-        names = walk_files(path, _is_image)  # linked class folders too, loops cut
         meta = os.path.join(path, "dataset.json")
         listed = _listed_labels(open(meta, "rb").read()) if os.path.exists(meta) else None
+        # linked class folders too, loops cut; the top-level folders are the classes unless
+        # dataset.json gives the labels
+        names = walk_files(path, _is_image, classes=not listed)
         self.entries = [Entry(f"{i:08d}", n, lab)
                         for i, (n, lab) in enumerate(zip(names, _labels(names, listed)))]
 
