@@ -793,3 +793,30 @@ def test_prepare_cli_reports_errors_in_one_line(tmp_path, capsys, monkeypatch):
     assert main(args) == 1
     assert "Traceback" in capsys.readouterr().err
     os.chmod(locked, 0o700)
+
+
+def test_an_error_in_a_loader_worker_does_not_hang_the_exit(tmp_path):
+    """Workers ignore the group's SIGTERM (training saves first), but the parent's own
+    shutdown stops them with SIGTERM: a traceback that keeps the DataLoader alive to the end
+    made multiprocessing's exit handler wait forever for a worker that ignored it."""
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import sys
+from repa_fast.data import loaders
+from repa_fast.data.demo import make_demo_dataset
+from repa_fast.data.loaders import LoaderConfig, make_loader
+data = make_demo_dataset({str(tmp_path / 'data')!r}, size=32, num_samples=64, shard_size=32)
+def broken(*args, **kwargs):
+    raise RuntimeError("a bug in decoding")
+loaders.decode_pixels = broken
+loader = make_loader(LoaderConfig(data, batch_size=4, num_workers=1, backend="torch"))
+try:
+    next(iter(loader))
+except Exception as error:
+    kept = error  # its traceback keeps the DataLoader iterator and its worker alive
+    print("raised", type(error).__name__, flush=True)
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, env={k: v for k, v in os.environ.items()
+                                            if k != "TRITON_INTERPRET"})
+    assert proc.returncode == 0 and "raised" in proc.stdout, proc.stderr[-2000:]

@@ -19,6 +19,34 @@ def leave_signals_to_parent(*unused) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class SignalGuard:
+    """A DataLoader ``worker_init_fn``: SIGINT ignored; SIGTERM ignored until the parent calls
+    :meth:`release` (when its loader ends, and at interpreter exit). The parent's own shutdown
+    stops a worker with SIGTERM (``Process.terminate``: multiprocessing's exit handler does
+    so for workers a lingering traceback kept alive, then waits for them); a worker that
+    ignored it for good would hang the exit. Built in the parent before the workers start
+    (the flag is shared memory inherited by them)."""
+
+    def __init__(self, context=None):
+        import atexit
+        import multiprocessing
+        self.released = (context or multiprocessing).RawValue("b", 0)
+        # runs before multiprocessing's own exit handler (registered earlier: LIFO)
+        atexit.register(self.release)
+
+    def release(self) -> None:
+        self.released.value = 1
+
+    def __call__(self, *unused) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        released = self.released
+
+        def on_sigterm(signum, frame):
+            if released.value:
+                os._exit(0)  # the parent is shutting its workers down
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def exit_with_parent(parent: int) -> None:
     """Start a thread that ends this process once ``parent`` is gone (orphans are adopted, so
     ``getppid`` changes): a pool worker holds both ends of its task queue, never sees

@@ -45,6 +45,7 @@ by neither loader unless the shard's checksum is recorded.
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import shutil
 import tempfile
@@ -55,7 +56,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .child_process import leave_signals_to_parent
+from .child_process import SignalGuard
 from .samples import (BadSampleError, BadSampleWarning, DALIBatchSource, SampleTable,
                       batches_per_epoch, check_image_header, decode_latent, decode_pixels,
                       epoch_order, read_batch, read_counts, scan_tar)
@@ -195,6 +196,7 @@ class TorchLoader(_Loader):
     def __iter__(self):
         c = self.config
         scratch = self._scratch()
+        guard = SignalGuard()
         try:
             dataset = _BatchDataset(self.table, c, self.epoch, self.batch)
             loader = torch.utils.data.DataLoader(
@@ -203,8 +205,9 @@ class TorchLoader(_Loader):
                 # its own generator: starting workers must not draw from the global RNG, or a
                 # resumed training run would draw different noise from the uninterrupted one
                 generator=torch.Generator().manual_seed(c.seed),
-                # Ctrl-C / SIGTERM to the process group: training saves first, then stops us
-                worker_init_fn=leave_signals_to_parent)
+                # Ctrl-C / SIGTERM to the process group: training saves first, then stops
+                # the workers (SignalGuard: they leave on SIGTERM once it is released)
+                worker_init_fn=guard)
             for epoch, batch, images, moments, labels, keys, bad in loader:
                 if isinstance(bad, OSError):  # a worker's read error, raised here
                     raise bad
@@ -213,6 +216,8 @@ class TorchLoader(_Loader):
                 yield ((images, moments, labels, keys) if c.return_keys
                        else (images, moments, labels))
         finally:
+            guard.release()
+            atexit.unregister(guard.release)
             self._end_scratch(scratch)
 
 
