@@ -10,7 +10,7 @@ pointer arguments); a known key costs one dict lookup. An unknown key takes, in 
 1. the tiles given to :func:`install_tiles` (from a checkpoint, or from rank 0 by
    :func:`broadcast_tiles`): any valid config, even one no longer in the config list;
 2. the disk cache ``$REPA_FAST_TUNE_CACHE/tiles-<card>-triton<version>.json`` (default
-   directory ``~/.cache/repa_fast``; off under ``TRITON_INTERPRET`` unless the variable is set;
+   directory ``$REPA_FAST_CACHE``, else ``~/.cache/repa_fast``; off under ``TRITON_INTERPRET`` unless the variable is set;
    ``REPA_FAST_TUNE_CACHE=off`` turns it off), read once, lazily; entries whose config is not in
    the kernel's current list are ignored (that key is tuned again); a corrupt file is warned
    about once, ignored, and rewritten at the next tuning;
@@ -294,7 +294,8 @@ def cache_path() -> Optional[str]:
         if INTERPRET:
             return None
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-        folder = os.path.join(base, "repa_fast")
+        # the package's per-machine cache folder (verified shards live there too)
+        folder = os.environ.get("REPA_FAST_CACHE") or os.path.join(base, "repa_fast")
     elif folder.strip().lower() in _OFF:
         return None
     card = re.sub(r"[^A-Za-z0-9.-]+", "_", _card()).strip("_")
