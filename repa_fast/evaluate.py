@@ -75,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="auto (default: CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--num-samples", type=_positive_int, default=None,
-                   help="evaluate the first N samples; an error if the file has fewer")
+                   help="evaluate the first N samples; an error if the file has fewer "
+                        "(default: all of them)")
     p.add_argument("--exact-count", action="store_true",
-                   help="also an error if the file has more than --num-samples")
+                   help="also an error if the file has more than --num-samples (default: off)")
     p.add_argument("--fid-method", choices=FID_METHODS, default="sqrtm",
                    help="sqrtm (default): ADM's scipy.linalg.sqrtm; eigh: exact "
                         "symmetric-eigenvalue route (faster; differs by round-off)")
@@ -85,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision/recall distances: float16 as ADM (default), or float32")
     p.add_argument("--cache", action="store_true",
                    help="reuse/write Inception activations beside each .npz "
-                        "(NAME.inception-acts.npz)")
-    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+                        "(NAME.inception-acts.npz; default: off)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr (default: off)")
     return p
 
 

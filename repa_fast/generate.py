@@ -77,16 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
                    "bare state dict")
     g.add_argument("--weights", choices=["ema", "model"], default="ema",
                    help="which weights of a training checkpoint")
-    g.add_argument("--model", help="e.g. SiT-XL/2")
-    g.add_argument("--num-classes", type=int)
-    g.add_argument("--encoder-depth", type=int)
+    g.add_argument("--model", help="SiT size and patch size, e.g. SiT-XL/2 (default: from the "
+                   "checkpoint)")
+    g.add_argument("--num-classes", type=int,
+                   help="number of class labels of the SiT (default: from the checkpoint)")
+    g.add_argument("--encoder-depth", type=int,
+                   help="block after which the projectors read the hidden states (default: "
+                   "from the checkpoint)")
     g.add_argument("--projector-embed-dims", type=_int_list("--projector-embed-dims"),
-                   help="checked against the projector weights, e.g. 768")
-    g.add_argument("--qk-norm", **bool_flag)
-    g.add_argument("--fused-attn", **bool_flag)
-    g.add_argument("--resolution", type=int, help="image size in pixels (256, 512, ...)")
-    g.add_argument("--vae", help="local SD-VAE folder or file, for latent-space checkpoints")
-    g.add_argument("--attn-backend", choices=ATTN_BACKENDS, default=None)
+                   help="checked against the projector weights, e.g. 768 (default: from the "
+                   "checkpoint)")
+    g.add_argument("--qk-norm", help="normalise queries and keys before attention (default: "
+                   "from the checkpoint)", **bool_flag)
+    g.add_argument("--fused-attn", help="attention through the --attn-backend kernel; "
+                   "--no-fused-attn: explicit softmax (default: from the checkpoint)",
+                   **bool_flag)
+    g.add_argument("--resolution", type=int, help="image size in pixels (256, 512, ...) "
+                   "(default: from the checkpoint)")
+    g.add_argument("--vae", help="local SD-VAE folder or file, for latent-space checkpoints "
+                   "(default: from the checkpoint, the training run's --vae when that path "
+                   "exists here)")
+    g.add_argument("--attn-backend", choices=ATTN_BACKENDS, default=None,
+                   help="attention kernel; auto: the fastest that runs here (default: "
+                   "$REPA_FAST_ATTN_BACKEND, else auto)")
     g.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
                    help="accepted for compatibility: the legacy 'decoder_blocks' layout is "
                    "detected and converted by itself")
@@ -397,7 +410,14 @@ def run(args: argparse.Namespace, procs: Processes) -> str:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
-    model, spec, _ = load_checkpoint(args.ckpt, args.weights, model_flags(args))
+    model, spec, saved_args = load_checkpoint(args.ckpt, args.weights, model_flags(args))
+    recorded_vae = saved_args.get("vae") if isinstance(saved_args, dict) else None
+    if not args.vae and not spec.pixel_space and isinstance(recorded_vae, str) and \
+            recorded_vae and os.path.exists(recorded_vae):
+        args.vae = recorded_vae
+        if procs.rank == 0:
+            print(f"--vae not given: decoding with the training run's VAE {recorded_vae} (from "
+                  f"the checkpoint's args)", flush=True)
     if args.cfg_scale > 1.0 and not spec.has_null_class:
         raise UsageError(f"--cfg-scale {args.cfg_scale} needs the CFG null class, but this "
                          f"checkpoint's label table has none (trained with cfg_prob 0): use "

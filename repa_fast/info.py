@@ -1,6 +1,8 @@
 """``python -m repa_fast.info``: versions, devices, and which backends can run here (and why not)."""
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import platform
 import re
 import sys
@@ -13,7 +15,8 @@ from .attention import AUTO_ORDER, ENV_VAR as ATTN_ENV, describe_backends as att
 from .attention import resolve_backend
 from .attention.backends import import_version
 from .ops import ENV_VAR as OPS_ENV, describe_backends as op_backends
-from .ops.backends import auto_backend as auto_op_backend, native_build_summary, triton_interpreted
+from .ops.backends import (NATIVE_BUILD_HINT, auto_backend as auto_op_backend,
+                           native_build_summary, native_import_problem, triton_interpreted)
 
 # (label, module to import for the version)
 OPTIONAL_PACKAGES = [
@@ -96,7 +99,7 @@ def report() -> str:
                     if line.split()[0] == "triton" else line for line in op_lines]
     lines += op_lines
     # what the C++/CUDA extension was built for (or why it is missing)
-    lines.append(f"  native extension: {native_build_summary()}")
+    lines.append(f"  native extension: {native_extension_line()}")
     for dtype in (torch.bfloat16, torch.float32):
         lines.append(f"  auto picks {auto_op_backend(device, dtype)} for {dtype} on {device.type}")
     from .data.loaders import dali_problem  # imported here: only the report needs it
@@ -110,12 +113,38 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def native_extension_line() -> str:
+    """Whether the C++/CUDA extension was never built (optional: ``pip install .`` leaves it
+    out unless asked), was built but does not load here, or what it was built for."""
+    try:
+        found = importlib.util.find_spec("repa_fast._C")
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        return ("not built (optional: the alignment op runs on its reference and Triton "
+                f"backends without it); {NATIVE_BUILD_HINT}")
+    problem = native_import_problem()
+    if problem is not None:
+        return f"built ({found.origin}) but fails to load: {problem}"
+    return native_build_summary()
+
+
 def _backend_lines(entries) -> list[str]:
     return [f"  {name:<10} " + ("available" if reason is None else f"unavailable: {reason}")
             for name, reason in entries]
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="python -m repa_fast.info",
+        description="Print repa_fast's version, torch and Triton versions against the minimums "
+                    "this package needs, the devices, the optional packages, and which "
+                    "attention, alignment-op and data-loader backends run here (and why the "
+                    "others do not).")
+
+
+def main(argv=None) -> int:
+    build_parser().parse_args(argv)
     print(report())
     return 0
 

@@ -90,21 +90,86 @@ def demo_encoder(resolution: int):
     return FrozenEncoder(spec, backbone, resolution)
 
 
+def check_encoder_resolution(config: TrainConfig) -> None:
+    """Every ``--enc-type`` encoder runs at ``--resolution`` (the official rules: 256 or 512
+    px, 512 only for plain DINOv2), checked before anything is built."""
+    if config.enc_type == "demo":
+        return
+    from .encoders import get_spec
+    from .encoders.registry import RESOLUTIONS
+    for name in config.enc_type.split(","):
+        spec = get_spec(name)
+        sizes = tuple(r for r in RESOLUTIONS if r != 512 or spec.supports_512)
+        if config.resolution in sizes:
+            continue
+        plain = [n for n in config.enc_type.split(",") if get_spec(n).supports_512]
+        others = ("; at 512 px use a plain DINOv2 encoder (--enc-type dinov2-vit-b)"
+                  if config.resolution == 512 and not plain else "")
+        raise UsageError(
+            f"--resolution {config.resolution}: the encoder --enc-type {name} runs at "
+            f"{' or '.join(map(str, sizes))} px only (its patch grid and preprocessing follow "
+            f"the official code); prepare the data at {sizes[0]} px "
+            f"(python -m repa_fast.data.prepare --resolution {sizes[0]}), or train with "
+            f"--enc-type demo (a tiny random encoder for any resolution divisible by 8; "
+            f"--enc-weights random gives untrained official encoders, still at "
+            f"{' or '.join(map(str, sizes))} px){others}")
+
+
+def encoder_weight_files(config: TrainConfig) -> list:
+    """One weights entry (a file or ``random``) per ``--enc-type`` encoder, each file checked
+    to exist before anything is built."""
+    from .encoders import get_spec
+    names = config.enc_type.split(",")
+    weights = config.enc_weights.split(",")
+    if len(weights) == 1 and weights[0] == "random":
+        return weights * len(names)
+    if len(weights) == 1 and (os.path.isdir(weights[0]) or len(names) > 1
+                              or not os.path.exists(weights[0])
+                              and not os.path.splitext(weights[0])[1]):
+        folder = weights[0]  # a folder of official file names
+        files = [os.path.join(folder, get_spec(n).checkpoint) for n in names]
+        for name, file in zip(names, files):
+            if not os.path.exists(file):
+                where = ("holds no" if os.path.isdir(folder) else "does not exist, so there is no")
+                raise UsageError(
+                    f"--enc-weights {folder}: the folder {where} {get_spec(name).checkpoint}, "
+                    f"the weights of --enc-type {name}; put that file there (from "
+                    f"{get_spec(name).url}), pass the file itself as --enc-weights, or try "
+                    f"things out with --enc-weights random (an untrained encoder: its features "
+                    f"mean nothing for REPA)")
+        return files
+    if len(weights) == 1:
+        weights = weights * len(names)
+    if len(weights) != len(names):
+        raise UsageError(f"--enc-weights: expected one file per encoder of --enc-type "
+                         f"{config.enc_type} ({len(names)}), a folder, or random; got "
+                         f"{len(weights)}: {config.enc_weights}")
+    for name, file in zip(names, weights):
+        if file != "random" and not os.path.exists(file):
+            raise UsageError(f"--enc-weights: {file!r} (the weights of --enc-type {name}) does "
+                             f"not exist; expected {get_spec(name).checkpoint} from "
+                             f"{get_spec(name).url}, or random for a try-out")
+    return weights
+
+
 def build_encoders(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> list:
     if config.enc_type == "demo":
         return [demo_encoder(config.resolution).to(device)]
-    from .encoders import get_spec, load_encoder
+    from .encoders import load_encoder
+    check_encoder_resolution(config)
     names = config.enc_type.split(",")
-    weights = config.enc_weights.split(",")
-    if len(weights) == 1 and os.path.isdir(weights[0]):  # a folder of official file names
-        weights = [os.path.join(weights[0], get_spec(n).checkpoint) for n in names]
-    elif len(weights) == 1:
-        weights = weights * len(names)
-    if len(weights) != len(names):
-        raise ValueError(f"--enc-weights must name one file per encoder of --enc-type "
-                         f"({len(names)}), a folder, or 'random'; got {len(weights)}")
+    weights = encoder_weight_files(config)
     return [load_encoder(n, w, config.resolution, device=device, dtype=dtype)
             for n, w in zip(names, weights)]
+
+
+def check_deepspeed(config: TrainConfig) -> None:
+    """``--ds_config`` needs DeepSpeed installed (the ``deepspeed`` extra)."""
+    import importlib.util
+    if config.ds_config and importlib.util.find_spec("deepspeed") is None:
+        raise UsageError(f"--ds_config {config.ds_config}: DeepSpeed is not installed; "
+                         f"pip install 'repa_fast[deepspeed]', or leave out --ds_config to "
+                         f"train without it (DDP under torchrun)")
 
 
 def build_model(config: TrainConfig, in_channels: int, input_size: int, z_dims: list):
@@ -256,6 +321,10 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     run_dir = os.path.join(config.output_dir, config.exp_name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     check_run_dir(run_dir, config.resume, config.overwrite)
+    check_encoder_resolution(config)
+    check_deepspeed(config)
+    if config.enc_type != "demo":
+        encoder_weight_files(config)  # a missing file stops here, before data and models
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -269,8 +338,10 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
             make_demo_dataset(data_dir, size=config.resolution)
         dist.barrier()
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"--data-dir {data_dir!r} does not exist: prepare it with "
-                                f"python -m repa_fast.data.prepare, or use --preset demo")
+        way_out = ("leave out --data-dir to train on the built-in shapes" if config.preset ==
+                   "demo" else "or use --preset demo (built-in data)")
+        raise UsageError(f"--data-dir {data_dir!r} does not exist: prepare it with "
+                         f"python -m repa_fast.data.prepare, {way_out}")
     index = read_index(data_dir)
     if index["resolution"] != config.resolution:
         raise ValueError(f"--resolution {config.resolution} does not match the data set in "
@@ -279,6 +350,29 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     latents_scale = float(index["vae"]["scaling_factor"])
     in_channels = int(index["vae"]["latent_channels"])
     input_size = config.resolution if pixel_space else config.resolution // 8
+    num_samples = index.get("num_samples")
+    if isinstance(num_samples, int) and config.batch_size > num_samples:
+        raise UsageError(f"--batch-size {config.batch_size}: the data set in {data_dir} holds "
+                         f"only {num_samples} samples; pass --batch-size {num_samples} or less "
+                         f"(or prepare more images)")
+    recorded_classes = index.get("num_classes")
+    if dist.main and isinstance(recorded_classes, int) and \
+            0 < recorded_classes < config.num_classes:
+        warnings.warn(f"--num-classes {config.num_classes}: the data set in {data_dir} has "
+                      f"{recorded_classes} classes; the model gets {config.num_classes} label "
+                      f"embeddings, {config.num_classes - recorded_classes} never trained (pass "
+                      f"--num-classes {recorded_classes} unless that is intended)")
+    vae_path = config.vae
+    if not pixel_space and not vae_path and dist.main:
+        recorded = (index["vae"].get("path") or "") if isinstance(index["vae"], dict) else ""
+        if recorded and os.path.exists(recorded):
+            vae_path = config.vae = recorded  # recorded in config.json and checkpoints
+            print(f"sample grids are decoded with the data set's VAE {recorded} (no --vae "
+                  f"given)", flush=True)
+        else:
+            warnings.warn(f"no --vae given and the data set's VAE "
+                          f"{recorded or '(not recorded)'} is not found: the sample grids show "
+                          f"undecoded latents; pass --vae <SD-VAE folder> to decode them")
     loader = make_loader(LoaderConfig(
         data_dir, batch_size=config.batch_size // dist.world_size, rank=dist.rank,
         world_size=dist.world_size, seed=config.seed, num_workers=config.num_workers,
@@ -331,15 +425,20 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     config.compile = resolve_compile(config, device)  # recorded resolved in config.json
     forward, encoders = compiled(wrapped, encoders, config.compile)
     vae = None
-    if config.vae and not pixel_space:
+    if vae_path and not pixel_space and dist.main:  # rank 0 alone writes sample grids
         from .vae import load_vae
-        vae = load_vae(config.vae, device=device)
+        vae = load_vae(vae_path, device=device)
 
     # resume
     step = 0
     if state is not None:
         loader.load_state_dict(state["loader"])
         step = int(state["steps"])
+    if dist.main and config.resume is not None:
+        print(f"--resume {config.resume}: resuming from {resume} at step {step}"
+              if state is not None else
+              f"--resume {config.resume}: no checkpoint in {ckpt_dir}: starting at step 0",
+              flush=True)
     if dist.main:  # the first writes into the run folder: every check has passed
         if config.overwrite:
             found = clear_run_dir(run_dir)
@@ -465,6 +564,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
             return
         path = os.path.join(run_dir, "samples", f"{at:07d}.png")
         if not os.path.exists(path):
+            bar.write(f"writing the sample grid of step {at} (50 sampling steps)...")
             grid = sample_grid(ema.model, grid_noise, grid_labels, latents_scale, vae, path)
             reporter.image("samples/ema", grid, at)
         stem, saved = os.path.join(ckpt_dir, f"{at:07d}"), checkpoint_path(ckpt_dir, at)
@@ -529,6 +629,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
                     or step == config.max_train_steps):
                 save_if_good()
             if dist.main and (step % config.sampling_steps == 0 or step == config.max_train_steps):
+                bar.write(f"writing the sample grid of step {step} (50 sampling steps)...")
                 grid = sample_grid(ema.model, grid_noise, grid_labels, latents_scale, vae,
                                    os.path.join(run_dir, "samples", f"{step:07d}.png"))
                 reporter.image("samples/ema", grid, step)

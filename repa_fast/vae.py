@@ -51,7 +51,11 @@ def load_vae(path: str, device=None, dtype: Optional[torch.dtype] = None):
     if not os.path.exists(path):
         raise FileNotFoundError(f"VAE weights not found: {path!r}. Get them from {SD_VAE_URLS}")
     if os.path.isdir(path):
-        vae = diffusers.AutoencoderKL.from_pretrained(path, local_files_only=True)
+        # low_cpu_mem_usage=False: the same weights without diffusers' "install accelerate"
+        # notice (that path needs accelerate and falls back to this one without it)
+        vae = diffusers.AutoencoderKL.from_pretrained(
+            path, local_files_only=True, low_cpu_mem_usage=False,
+            **({} if dtype is None else dict(torch_dtype=dtype)))
     else:
         state = _read_state_dict(path)
         if any(k.startswith(("encoder.down.", "first_stage_model.encoder.down.")) for k in state):
@@ -63,7 +67,11 @@ def load_vae(path: str, device=None, dtype: Optional[torch.dtype] = None):
         if missing:
             raise ValueError(f"{path!r} is not an SD-VAE checkpoint: missing {missing[:5]}...")
     vae.requires_grad_(False).eval()
-    return vae.to(device=device, dtype=dtype)
+    if device is not None:
+        vae = vae.to(device=device)
+    # .to(dtype) only when asked: diffusers warns about casting on every .to(dtype=None) call
+    param = next(vae.parameters(), None)
+    return vae if dtype is None or param is None or param.dtype == dtype else vae.to(dtype=dtype)
 
 
 def vae_identity(vae, path: str) -> dict:

@@ -461,3 +461,9 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, tiny):
     torch.save({"args": argparse.Namespace(lr=1.0), "model": {}}, tmp_path / "pickled.pth")
     with pytest.raises(ValueError, match="weights_only"):
         read_checkpoint(tmp_path / "pickled.pth")
+
+
+def test_an_unsupported_resolution_names_the_encoder():
+    with pytest.raises(ValueError, match=r"resolution: expected one of \(256, 512\) for "
+                                         r"'dinov2-vit-b' .* got 64"):
+        load_encoder("dinov2-vit-b", "random", resolution=64)

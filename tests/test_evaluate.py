@@ -372,7 +372,8 @@ def test_missing_weights_name_the_file_and_the_url(tmp_path, monkeypatch):
 
 def test_weights_that_are_not_an_inception_state_dict(tmp_path):
     (tmp_path / "text.pth").write_text("hello")
-    with pytest.raises(EvaluationInputError, match="text.pth is not a PyTorch state dict"):
+    with pytest.raises(EvaluationInputError, match=r"text.pth is a text file \(starting "
+                                                   r"'hello'\), not a PyTorch state dict"):
         InceptionFeatureExtractor(tmp_path / "text.pth", device="cpu")
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pth")
     with pytest.raises(EvaluationInputError, match="does not fit torch-fidelity's Inception"):

@@ -28,7 +28,9 @@ class RandomWeightsWarning(UserWarning):
 def check_resolution(spec: EncoderSpec, resolution: int) -> None:
     """The official rules: 256 or 512 px, and 512 px only for plain DINOv2 encoders."""
     if resolution not in RESOLUTIONS:
-        raise ValueError(f"resolution: expected one of {RESOLUTIONS}, got {resolution!r}")
+        raise ValueError(f"resolution: expected one of {RESOLUTIONS} for {spec.name!r} (its "
+                         f"patch grid and preprocessing follow the official code), got "
+                         f"{resolution!r}")
     if resolution == 512 and not spec.supports_512:
         raise ValueError(f"resolution: 512 is only supported for DINOv2 encoders "
                          f"(dinov2-vit-*), as in the official code; got name={spec.name!r}")

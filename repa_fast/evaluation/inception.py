@@ -103,6 +103,32 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return dev
 
 
+def describe_file(path) -> str:
+    """What a file that torch.load refused looks like: empty, a text file (its first words),
+    HTML, or binary that is neither a zip nor a pickle (its first bytes)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as error:
+        return f"unreadable ({error.strerror or error})"
+    if not head:
+        return "an empty file"
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "an HTML page (a download that saved a web page?)"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer (the file itself was not downloaded)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        first = " ".join(text.split())[:40]
+        return f"a text file (starting {first!r})"
+    kind = ("a zip archive" if head.startswith(b"PK") else
+            "a pickle" if head[:1] == b"\x80" else "neither a zip nor a pickle")
+    return f"{kind} (first bytes {head[:8].hex(' ')})"
+
+
 class InceptionFeatureExtractor:
     """torch-fidelity's Inception-v3 loaded from a local file, giving :class:`Activations`.
 
@@ -119,8 +145,13 @@ class InceptionFeatureExtractor:
         try:
             state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle/zip errors come in many types
-            raise EvaluationInputError(f"--inception-weights: {self.weights_path} is not a "
-                                       f"PyTorch state dict of tensors ({error}); expected "
+            kind = describe_file(self.weights_path)
+            # torch's own words help only for zips and pickles (its weights_only advice
+            # misleads for a text or HTML file)
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            why = f" (torch.load: {first})" if kind.startswith(("a zip", "a pickle")) else ""
+            raise EvaluationInputError(f"--inception-weights: {self.weights_path} is {kind}, "
+                                       f"not a PyTorch state dict of tensors{why}; download "
                                        f"the file from {WEIGHTS_URL}") from None
         if not isinstance(state, dict) or "fc.weight" not in state:
             raise EvaluationInputError(f"--inception-weights: {self.weights_path} is not an "
