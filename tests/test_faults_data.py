@@ -249,20 +249,27 @@ def _expected_keys(num, seed, bad, batch_size, epochs, world_size=1, rank=0):
     return out
 
 
-def test_prepare_records_shard_checksums_and_label_range(tmp_path):
-    from repa_fast.data import label_range
-    from repa_fast.data.shards import read_index
-    rng = np.random.default_rng(2)
-    official, labels = tmp_path / "official", []
-    for i in range(7):
-        img = official / "images" / "00000" / f"img{i:08d}.png"
-        lat = official / "vae-sd" / "00000" / f"img-mean-std-{i:08d}.npy"
+def _official(root, count, rng, first_label: int = 0, classes: int = 3):
+    """An official REPA folder (images/ + vae-sd/ + dataset.json) of ``count`` random
+    samples, labels ``first_label + i % classes``."""
+    labels = []
+    for i in range(count):
+        img = root / "images" / "00000" / f"img{i:08d}.png"
+        lat = root / "vae-sd" / "00000" / f"img-mean-std-{i:08d}.npy"
         img.parent.mkdir(parents=True, exist_ok=True)
         lat.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)).save(img)
         np.save(lat, rng.standard_normal((8, RES // 8, RES // 8)).astype(np.float32))
-        labels.append([f"00000/img-mean-std-{i:08d}.npy", 3 + i % 4])
-    (official / "vae-sd" / "dataset.json").write_text(json.dumps({"labels": labels}))
+        labels.append([f"00000/img-mean-std-{i:08d}.npy", first_label + i % classes])
+    (root / "vae-sd" / "dataset.json").write_text(json.dumps({"labels": labels}))
+    return root
+
+
+def test_prepare_records_shard_checksums_and_label_range(tmp_path):
+    from repa_fast.data import label_range
+    from repa_fast.data.shards import read_index
+    official = _official(tmp_path / "official", 7, np.random.default_rng(2), first_label=3,
+                         classes=4)
     dest = tmp_path / "out"
     index = prepare(PrepareConfig(source=str(official), dest=str(dest), resolution=RES,
                                   workers=0, shard_size=3), progress=False)
@@ -651,20 +658,6 @@ def test_dali_decode_failure_names_the_sample(tmp_path):
 
 
 # ---------------------------------------------------------------- 10. stale locks, orphans
-
-def _official(root, count, rng):
-    labels = []
-    for i in range(count):
-        img = root / "images" / "00000" / f"img{i:08d}.png"
-        lat = root / "vae-sd" / "00000" / f"img-mean-std-{i:08d}.npy"
-        img.parent.mkdir(parents=True, exist_ok=True)
-        lat.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)).save(img)
-        np.save(lat, rng.standard_normal((8, RES // 8, RES // 8)).astype(np.float32))
-        labels.append([f"00000/img-mean-std-{i:08d}.npy", i % 3])
-    (root / "vae-sd" / "dataset.json").write_text(json.dumps({"labels": labels}))
-    return root
-
 
 def test_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
     source = _official(tmp_path / "official", 4, np.random.default_rng(0))

@@ -36,6 +36,19 @@ def fake_state(step: int) -> dict:
                 rng=[{}], loader={})
 
 
+def poison_step(monkeypatch, bad: int) -> None:
+    """Step ``bad`` (1-based) of this process draws NaN latents: its loss is not finite."""
+    import repa_fast.vae as vae
+    real, calls = vae.sample_posterior, []
+
+    def poisoned(moments, *args, **kwargs):
+        calls.append(1)
+        x = real(moments, *args, **kwargs)
+        return x * float("nan") if len(calls) == bad else x
+
+    monkeypatch.setattr(vae, "sample_posterior", poisoned)
+
+
 # --- skipped steps never reach a checkpoint -------------------------------------------------
 
 def test_no_checkpoint_is_saved_while_the_latest_steps_are_skipped(tmp_path, capsys):
@@ -49,15 +62,7 @@ def test_no_checkpoint_is_saved_while_the_latest_steps_are_skipped(tmp_path, cap
 
 
 def test_a_checkpoint_due_on_a_skipped_step_waits_for_the_next_good_one(tmp_path, monkeypatch):
-    import repa_fast.vae as vae
-    real, calls = vae.sample_posterior, []
-
-    def poisoned(moments, *args, **kwargs):
-        calls.append(1)
-        x = real(moments, *args, **kwargs)
-        return x * float("nan") if len(calls) == 2 else x
-
-    monkeypatch.setattr(vae, "sample_posterior", poisoned)
+    poison_step(monkeypatch, 2)
     train(parse_args(demo_args(tmp_path, "--max-train-steps", "3")))
     ckpt_dir = str(tmp_path / "demo" / "checkpoints")
     assert list_checkpoints(ckpt_dir) == [3]
@@ -309,15 +314,7 @@ def test_resuming_an_earlier_step_sets_the_later_checkpoints_aside(tmp_path):
 
 
 def test_a_skipped_last_step_is_not_reported_as_done(tmp_path, monkeypatch, capsys):
-    import repa_fast.vae as vae
-    real, calls = vae.sample_posterior, []
-
-    def poisoned(moments, *args, **kwargs):
-        calls.append(1)
-        x = real(moments, *args, **kwargs)
-        return x * float("nan") if len(calls) == 2 else x
-
-    monkeypatch.setattr(vae, "sample_posterior", poisoned)
+    poison_step(monkeypatch, 2)
     assert main(demo_args(tmp_path, "--checkpointing-steps", "1")) == 3
     assert "no checkpoint was saved at the final step 2" in capsys.readouterr().err
     assert list_checkpoints(str(tmp_path / "demo" / "checkpoints")) == [1]

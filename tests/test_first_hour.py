@@ -160,15 +160,12 @@ def test_info_has_help(capsys):
 
 
 def test_generate_takes_the_checkpoints_vae_when_none_is_given(tmp_path, capsys):
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
+    from tiny_vae import save_tiny_vae
+
     from repa_fast.generate import main as generate_main
     from repa_fast.models import SiT_models
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1, norm_num_groups=4, sample_size=32)
-    vae.save_pretrained(tmp_path / "my-vae")
+    save_tiny_vae(tmp_path / "my-vae")
     sit = SiT_models["SiT-T/2"](input_size=4, in_channels=4, num_classes=5,
                                 class_dropout_prob=0.1, z_dims=[64], encoder_depth=2,
                                 projector_dim=32)

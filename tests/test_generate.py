@@ -335,13 +335,9 @@ def test_npz_reader_threads_stay_a_bounded_window_ahead():
 
 
 def test_latent_checkpoint_decodes_with_the_vae_and_needs_it(tmp_path, capsys):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1, norm_num_groups=4, sample_size=32)
-    vae.save_pretrained(tmp_path / "sd-vae-ft-mse")  # what the official --vae mse names
+    pytest.importorskip("diffusers")
+    from tiny_vae import save_tiny_vae
+    save_tiny_vae(tmp_path / "sd-vae-ft-mse")  # what the official --vae mse names
     sd = tiny_sit(in_channels=4, input_size=4, model="SiT-T/2").state_dict()
     ckpt = str(tmp_path / "latent.pt")
     torch.save(dict(ema=sd, args=dict(ARGS, model="SiT-T/2", resolution=32)), ckpt)
