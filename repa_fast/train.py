@@ -652,7 +652,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
         if step >= config.max_train_steps:
             finish(step)
     finally:
-        stop.__exit__()
+        stop.__exit__(*sys.exc_info())
         bar.close()
         log.close()
         reporter.close()

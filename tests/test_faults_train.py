@@ -250,6 +250,7 @@ def test_sigterm_to_a_two_process_run_saves_one_agreed_step(tmp_path):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
+    assert "]: Traceback" not in out, out[-3000:]  # torchrun prefixes a rank's with [rankN]
     ckpt_dir = str(tmp_path / "demo" / "checkpoints")
     steps = list_checkpoints(ckpt_dir)
     assert len(steps) == 1 and steps[0] >= 2, out[-3000:]

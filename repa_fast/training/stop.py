@@ -67,10 +67,10 @@ class StopRequest:
             self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type=None, *exc):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        if self.pending is not None and exc[0] is None:
+        if self.pending is not None and exc_type is None:
             self.pending[0].wait()  # no collective left in flight
         self.pending = None
 
