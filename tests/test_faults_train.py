@@ -61,6 +61,7 @@ def test_no_checkpoint_is_saved_while_the_latest_steps_are_skipped(tmp_path, cap
     assert "the first skipped step was 2" in err and "No checkpoint was saved before it" in err
 
 
+@pytest.mark.slow  # ~10-15 s: two training runs
 def test_a_checkpoint_due_on_a_skipped_step_waits_for_the_next_good_one(tmp_path, monkeypatch):
     poison_step(monkeypatch, 2)
     train(parse_args(demo_args(tmp_path, "--max-train-steps", "3")))
@@ -130,6 +131,7 @@ def test_resume_from_a_bad_file_exits_2_naming_it(tmp_path, capsys):
 
 # --- one run per folder, the log follows the run --------------------------------------------
 
+@pytest.mark.slow  # ~10-15 s: two training runs
 def test_a_new_run_refuses_a_folder_holding_a_run(tmp_path, capsys):
     assert main(demo_args(tmp_path, "--max-train-steps", "4")) == 0
     assert main(demo_args(tmp_path)) == 2
@@ -154,6 +156,7 @@ def test_a_restart_rewrites_the_log_of_a_run_killed_before_its_first_checkpoint(
 
 # --- what the last step owed ----------------------------------------------------------------
 
+@pytest.mark.slow  # ~10-15 s: two training runs
 def test_a_resume_after_the_last_checkpoint_writes_the_final_grid_and_exports(tmp_path, capsys):
     assert main(demo_args(tmp_path, "--save-safetensors")) == 0
     run = tmp_path / "demo"
@@ -277,6 +280,7 @@ def damaged_demo_data(out) -> tuple[str, str]:
     return shard, key
 
 
+@pytest.mark.slow  # ~10 s each: two training runs
 @pytest.mark.parametrize("verify", [True, False])
 def test_damaged_data_stops_naming_the_shard_or_is_skipped_and_counted(tmp_path, capsys, verify):
     shard, key = damaged_demo_data(tmp_path)
@@ -297,6 +301,7 @@ def test_damaged_data_stops_naming_the_shard_or_is_skipped_and_counted(tmp_path,
 
 # --- review fixes: abandoned continuations, a skipped last step, the stop request -----------
 
+@pytest.mark.slow  # ~10-15 s: two training runs
 def test_resuming_an_earlier_step_sets_the_later_checkpoints_aside(tmp_path):
     assert main(demo_args(tmp_path, "--max-train-steps", "4", "--checkpointing-steps", "1",
                           "--save-safetensors")) == 0
