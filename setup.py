@@ -1,9 +1,7 @@
 """Build script for repa_fast.
 
-The Triton device code lives in the top-level ``kernels/`` folder; ``repa_fast/kernels`` is a
-symlink to it, so it ships as the sub-package ``repa_fast.kernels`` and also imports when the
-package runs straight from a checkout (``python -m repa_fast.info`` in the repository root).
-No top-level module named ``kernels`` is ever installed.
+The Triton device code is the sub-package ``repa_fast.kernels`` (``repa_fast/kernels/``), an
+ordinary folder of the package; no top-level module named ``kernels`` is ever installed.
 
 The optional native extension ``repa_fast._C`` (C++ and CUDA sources in ``csrc/``, the
 ``native`` backend of the alignment op) is built with torch's ``BuildExtension``, so torch must
@@ -65,7 +63,7 @@ EXTRAS = {
     "dev": ["pytest>=8", "pytest-benchmark>=4"],
 }
 
-packages = find_packages(include=["repa_fast", "repa_fast.*"])  # follows the kernels symlink
+packages = find_packages(include=["repa_fast", "repa_fast.*"])
 
 
 # ----------------------------------------------------------------------------- native extension

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench_utils import DEVICE, DTYPE, ON_GPU, timed
-from repa_fast import attention as A
+from repa_fast.ops import attention as A
 
 # SiT-XL/2 at 256px: 256 tokens, 16 heads of 72; the CPU shape keeps the suite quick.
 B, N, H, D = (32, 256, 16, 72) if ON_GPU else (2, 64, 4, 72)

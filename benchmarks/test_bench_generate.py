@@ -7,7 +7,7 @@ batch from noise to samples, repa_fast against an official-style sampler on the 
 * ``repa_fast``: :mod:`repa_fast.generation`: bf16 autocast around the model call, the auto
   attention backend, projectors skipped, per-sample noise streams, and ``torch.compile`` on GPU.
 
-Both use ``repa_fast.sampling.euler_maruyama_sampler`` (float64 sampler state). The repa_fast
+Both use ``repa_fast.transport.samplers.euler_maruyama_sampler`` (float64 sampler state). The repa_fast
 entry also runs the official-style model once more on its per-sample noise and records in
 ``extra_info`` how far the two sets of samples are apart (``rel_l2``, ``max_abs``) and whether
 that is within bf16 tolerance (``agree_bf16``), over the first ``AGREE_STEPS`` steps' grid
@@ -24,7 +24,7 @@ import torch
 from bench_utils import DEVICE, ON_GPU, timed
 from repa_fast.generation import SamplerConfig, Velocity, initial_draws, sample_latents
 from repa_fast.models import SiT_models
-from repa_fast.sampling import euler_maruyama_sampler
+from repa_fast.transport.samplers import euler_maruyama_sampler
 
 # name: (batch, input size, channels, classes, steps)
 CASES = {"SiT-XL/2": (64, 32, 4, 1000, 250)} if ON_GPU else {"SiT-T/4": (4, 16, 3, 10, 6)}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench_utils import DEVICE, DTYPE, ON_GPU, timed
-from repa_fast import attention as A
+from repa_fast.ops import attention as A
 from repa_fast.models import SiT_models
 
 NAME, BATCH, SIZE = ("SiT-XL/2", 32, 32) if ON_GPU else ("SiT-S/2", 2, 8)

@@ -31,13 +31,13 @@ if __name__ == "__main__" and not __package__:  # run as a file: deepspeed repa_
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "repa_fast"
 
-from .attention import CHOICES as ATTN_BACKENDS
+from .ops.attention import CHOICES as ATTN_BACKENDS
 from .errors import run_cli
 from .generation.errors import UsageError
 from .generation.loading import ModelSpec, load_checkpoint
 from .generation.output import (check_settings, existing_indices, make_grid, png_path,
                                 save_png_atomic, wait_all, write_npz_from_pngs)
-from .generation.sampler import COMPILE_MODES, SamplerConfig, Velocity, sample_latents, to_uint8
+from .generation.sample_batch import COMPILE_MODES, SamplerConfig, Velocity, sample_latents, to_uint8
 from .generation.seeding import initial_draws
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}

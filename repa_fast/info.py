@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 
 from . import __version__
-from .attention import AUTO_ORDER, ENV_VAR as ATTN_ENV, describe_backends as attention_backends
-from .attention import resolve_backend
-from .attention.backends import import_version
+from .ops.attention import AUTO_ORDER, ENV_VAR as ATTN_ENV, describe_backends as attention_backends
+from .ops.attention import resolve_backend
+from .ops.attention import import_version
 from .ops import ENV_VAR as OPS_ENV, describe_backends as op_backends
 from .ops.backends import (NATIVE_BUILD_HINT, auto_backend as auto_op_backend,
                            native_build_summary, native_import_problem, triton_interpreted)

@@ -266,7 +266,7 @@ def sample_grid(ema_model, noise: torch.Tensor, labels: torch.Tensor, latents_sc
     returns the grid (uint8 [3, H, W])."""
     from PIL import Image
 
-    from .sampling import euler_sampler
+    from .transport.samplers import euler_sampler
     x = euler_sampler(ema_model, noise, labels, num_steps=50).float()
     if vae is None:  # pixel space
         images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

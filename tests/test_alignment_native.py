@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import repa_fast
-from repa_fast.ops import REPAProjector, describe_backends, repa_alignment_loss
+from repa_fast.models.projector import REPAProjector
+from repa_fast.ops import describe_backends, repa_alignment_loss
 from repa_fast.ops import backends
 from repa_fast.ops.backends import auto_backend, native_import_problem
 

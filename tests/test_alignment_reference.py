@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from repa_fast.models import SiT
-from repa_fast.ops import REPAProjector, repa_alignment_loss
+from repa_fast.models.projector import REPAProjector
+from repa_fast.ops import repa_alignment_loss
 from repa_fast.transport import projection_loss
 
 from alignment_cases import loop_loss, make_inputs

@@ -8,7 +8,8 @@ of any block size (the interpreter tile is 32): B=3, D=48, P=80, Z=40.
 import pytest
 import torch
 
-from repa_fast.ops import REPAProjector, describe_backends, repa_alignment_loss
+from repa_fast.models.projector import REPAProjector
+from repa_fast.ops import describe_backends, repa_alignment_loss
 from repa_fast.ops import alignment_triton  # noqa: F401  (registers the repa_fast:: ops)
 from repa_fast.ops.backends import auto_backend
 

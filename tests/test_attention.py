@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from repa_fast import attention as A
+from repa_fast.ops import attention as A
 from repa_fast.models import Attention
 
 
@@ -109,5 +109,5 @@ def test_every_available_backend_on_gpu(seed, name):
 def test_flash_support_rules(name, dtype, head_dim, match):
     # The device/dtype/head-dim rules themselves, independent of what is installed here.
     device = torch.device("cpu") if "device cpu" in match else torch.device("cuda")
-    reason = A.backends.REGISTRY[name].call_problem(device, dtype, head_dim)
+    reason = A.REGISTRY[name].call_problem(device, dtype, head_dim)
     assert reason is not None and re.search(match, reason)

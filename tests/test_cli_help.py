@@ -100,7 +100,7 @@ def test_groups_in_order_with_the_official_flags_first(train_sections):
 
 
 def test_help_lists_the_choices_the_code_accepts(train_sections):
-    from repa_fast.attention import CHOICES
+    from repa_fast.ops.attention import CHOICES
     from repa_fast.data.loaders import BACKENDS, ON_BAD_SAMPLE
     from repa_fast.encoders import ENCODER_NAMES
     from repa_fast.models import SiT_models

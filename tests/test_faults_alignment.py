@@ -17,8 +17,9 @@ extension when it is built. Shapes are small and odd (B = 3, D = 48, P = 80, Z =
 import pytest
 import torch
 
-from repa_fast.ops import REPAProjector, repa_alignment_loss
-from repa_fast.ops.alignment_checks import check_call
+from repa_fast.models.projector import REPAProjector
+from repa_fast.ops import repa_alignment_loss
+from repa_fast.ops.alignment_common import check_call
 from repa_fast.ops.alignment_reference import repa_alignment_loss_reference
 from repa_fast.ops.backends import REGISTRY
 

@@ -18,7 +18,7 @@ from repa_fast.generation import (PerSampleNoise, SamplerConfig, UsageError, Vel
                                   write_npz_from_pngs)
 from repa_fast.generation.output import ordered_map, save_png_atomic
 from repa_fast.models import SiT_models
-from repa_fast.sampling import euler_maruyama_sampler
+from repa_fast.transport.samplers import euler_maruyama_sampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 5

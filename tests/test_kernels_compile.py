@@ -54,7 +54,7 @@ def test_every_kernel_variant_compiles_for_h100_in_bf16_without_spills():
 def test_every_autotune_config_compiles_for_h100_in_every_dtype_without_spills():
     """Every autotune config in bf16, fp16 and fp32 compiles without spilling a register; only
     fp32 tiles may exceed the card's shared memory (the autotuner skips those)."""
-    from repa_fast.kernels.cosine import COSINE_CONFIGS
+    from repa_fast.kernels.alignment_cosine import COSINE_CONFIGS
     from repa_fast.kernels.tuning import GEMM_CONFIGS
 
     results = parse(run_check("--all"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from repa_fast.models import SiT
-from repa_fast.sampling import euler_maruyama_sampler, euler_sampler, get_score_from_velocity
+from repa_fast.transport.samplers import euler_maruyama_sampler, euler_sampler, get_score_from_velocity
 
 
 class Recorder(torch.nn.Module):

@@ -9,7 +9,7 @@ from .errors import UsageError
 from .loading import ModelSpec, build_model, inspect_weights, load_checkpoint, resolve_spec
 from .output import (check_settings, existing_indices, make_grid, png_path, save_png_atomic,
                      write_npz_from_pngs)
-from .sampler import COMPILE_MODES, SamplerConfig, Velocity, sample_latents, to_uint8
+from .sample_batch import COMPILE_MODES, SamplerConfig, Velocity, sample_latents, to_uint8
 from .seeding import PerSampleNoise, index_generator, index_seed, initial_draws
 
 __all__ = [

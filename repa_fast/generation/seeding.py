@@ -75,7 +75,7 @@ def initial_draws(indices: Sequence[int], global_seed: int, num_classes: int,
 class PerSampleNoise:
     """``noise(x)``: like ``torch.randn_like(x)``, but row ``j`` is drawn from
     ``generators[j]`` — the ``noise_fn`` of
-    :func:`repa_fast.sampling.euler_maruyama_sampler`, which calls it once per step but the
+    :func:`repa_fast.transport.samplers.euler_maruyama_sampler`, which calls it once per step but the
     last. For a batch of one sample the numbers are exactly those ``randn_like`` draws when the
     global CPU RNG holds the generator's state (the test suite checks this)."""
 

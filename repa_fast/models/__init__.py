@@ -1,5 +1,5 @@
 """SiT models with REPA projectors, checkpoint-compatible with the official REPA code."""
-from .attention import Attention
+from .self_attention import Attention
 from .checkpoint import (
     extract_state_dict,
     is_legacy_state_dict,
@@ -8,11 +8,11 @@ from .checkpoint import (
     read_checkpoint,
 )
 from .embeddings import LabelEmbedder, TimestepEmbedder, sincos_2d_pos_embed
-from .projector import build_mlp
+from .projector import REPAProjector, build_mlp
 from .sit import FinalLayer, SiT, SiT_models, SiTBlock, UnknownModelError, create_model, modulate
 
 __all__ = [
-    "Attention", "FinalLayer", "LabelEmbedder", "SiT", "SiTBlock", "SiT_models",
+    "Attention", "FinalLayer", "REPAProjector", "LabelEmbedder", "SiT", "SiTBlock", "SiT_models",
     "TimestepEmbedder", "UnknownModelError", "build_mlp", "create_model", "extract_state_dict",
     "is_legacy_state_dict", "load_legacy_checkpoints", "load_pretrained", "modulate",
     "read_checkpoint", "sincos_2d_pos_embed",

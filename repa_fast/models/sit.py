@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from timm.layers import Mlp, PatchEmbed
 
-from .attention import Attention
+from .self_attention import Attention
 from .embeddings import LabelEmbedder, TimestepEmbedder, sincos_2d_pos_embed
 from .projector import build_mlp
 

@@ -7,9 +7,9 @@ loss); ``REPAProjector`` is the projector module that calls it. Backends registe
 extension ``repa_fast._C`` built from ``csrc/``, :mod:`repa_fast.ops.alignment_native`) and the
 pure-PyTorch ``reference``, which runs everywhere.
 """
-from .alignment import REPAProjector, repa_alignment_loss
+from .alignment import repa_alignment_loss
 from .alignment_reference import repa_alignment_loss_reference
 from .backends import ENV_VAR, describe_backends
 
-__all__ = ["ENV_VAR", "REPAProjector", "describe_backends", "repa_alignment_loss",
+__all__ = ["ENV_VAR", "describe_backends", "repa_alignment_loss",
            "repa_alignment_loss_reference"]

@@ -1,14 +1,14 @@
-"""``repa_alignment_loss``: the REPA alignment op with backend dispatch, and ``REPAProjector``."""
+"""``repa_alignment_loss``: the REPA alignment op with backend dispatch (the functional form;
+the module is :class:`repa_fast.models.projector.REPAProjector`)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn as nn
 
-from ..backend_choice import requested_choice
-from .alignment_checks import check_call, compute_dtype
-from .alignment_reference import project, reference_loss
+from .backend_choice import requested_choice
+from .alignment_common import check_call, compute_dtype
+from .alignment_reference import reference_loss
 from .backends import ENV_VAR, REGISTRY, auto_backend
 
 CHOICES = ("auto",) + tuple(REGISTRY)
@@ -62,7 +62,7 @@ def repa_alignment_loss(hidden: torch.Tensor, target: torch.Tensor,
     or keep them (faster, more memory).
 
     Arguments are checked before a backend is chosen, the same way for every backend
-    (:mod:`repa_fast.ops.alignment_checks`): a bad one raises ``TypeError`` or ``ValueError``.
+    (:mod:`repa_fast.ops.alignment_common`): a bad one raises ``TypeError`` or ``ValueError``.
     Dtypes: float32/64, float16 or bfloat16; the weights share one dtype, which the hidden
     states have too unless autocast is on (then the GEMMs run in its dtype; float64 is never
     cast, so it must be on both sides or neither); the target may have any of the four.
@@ -89,41 +89,3 @@ def repa_alignment_loss(hidden: torch.Tensor, target: torch.Tensor,
         from .alignment_native import native_loss  # needs repa_fast._C
         return native_loss(*args, recompute)
     return reference_loss(*args)
-
-
-class REPAProjector(nn.Sequential):
-    """The REPA projector ``Linear(D, P) - SiLU - Linear(P, P) - SiLU - Linear(P, Z)``.
-
-    An ``nn.Sequential`` so the state-dict keys are the official ``build_mlp``'s (``0.*``,
-    ``2.*``, ``4.*``); ``forward(h)`` returns the projected tokens as the official projector,
-    and :meth:`alignment_loss` computes the alignment loss from hidden states directly.
-    """
-
-    def __init__(self, hidden_size: int, projector_dim: int, z_dim: int):
-        super().__init__(
-            nn.Linear(hidden_size, projector_dim),
-            nn.SiLU(),
-            nn.Linear(projector_dim, projector_dim),
-            nn.SiLU(),
-            nn.Linear(projector_dim, z_dim),
-        )
-
-    def weights(self) -> tuple[torch.Tensor, ...]:
-        """``(w1, b1, w2, b2, w3, b3)``."""
-        return (self[0].weight, self[0].bias, self[2].weight, self[2].bias,
-                self[4].weight, self[4].bias)
-
-    def forward(self, hidden: torch.Tensor, target: Optional[torch.Tensor] = None,
-                **kwargs) -> torch.Tensor:
-        """The projected tokens (official behaviour), or with ``target`` the alignment loss.
-
-        The loss goes through ``forward`` too, so module hooks (DDP, DeepSpeed ZeRO-3, which
-        gathers a module's weights when it is called) see the weights being used.
-        """
-        if target is None:
-            return project(hidden, *self.weights())
-        return repa_alignment_loss(hidden, target, *self.weights(), **kwargs)
-
-    def alignment_loss(self, hidden: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
-        """``repa_alignment_loss(hidden, target, *self.weights(), **kwargs)``, as a module call."""
-        return self(hidden, target, **kwargs)

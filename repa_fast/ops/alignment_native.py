@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .alignment_checks import check_call, compute_dtype, pool_ratio
+from .alignment_common import check_call, compute_dtype, pool_ratio
 from .backends import _native_problem, native_import_problem
 
 _PROBLEM = native_import_problem()

@@ -13,7 +13,7 @@ The norms do not overflow: |x|² of a float32 row overflows once |x| ≳ 1.8e19,
 ``F.normalize`` then returns zeros (a silently zero loss). :func:`normalize` first divides each
 row whose largest |x_i| is m ≥ 1 by 2^⌊log₂ m⌋ (ε with it), an exact power of two, so the
 result is bitwise ``F.normalize``'s wherever that does not overflow, and right for every finite
-row. Arguments are checked by :func:`repa_fast.ops.alignment_checks.check_call`.
+row. Arguments are checked by :func:`repa_fast.ops.alignment_common.check_call`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .alignment_checks import check_call, pool_ratio
+from .alignment_common import check_call, pool_ratio
 
 EPS = 1e-12  # F.normalize's eps
 

@@ -46,11 +46,11 @@ from typing import Optional
 import torch
 import triton
 
-from ..kernels.cosine import (COSINE_CONFIGS, STATS_ROWS, cosine_finish_kernel,
+from ..kernels.alignment_cosine import (COSINE_CONFIGS, STATS_ROWS, cosine_finish_kernel,
                               project_cosine_bwd_kernel, project_cosine_fwd_kernel)
-from ..kernels.linear_silu import linear_bias_silu_kernel, linear_grad_silu_kernel
+from ..kernels.alignment_linear_silu import linear_bias_silu_kernel, linear_grad_silu_kernel
 from ..kernels.tuning import GEMM_CONFIGS, INTERPRET, m_bucket, min_block
-from .alignment_checks import check_call, compute_dtype, pool_ratio
+from .alignment_common import check_call, compute_dtype, pool_ratio
 from .alignment_reference import avg_pool_tokens
 from .backends import _triton_problem
 
@@ -149,7 +149,7 @@ def project_cosine_forward(s2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor,
                            target: torch.Tensor, geo: _Geometry
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, stats)``: the fp32 loss and stats [5, R] = (cos, max(|p|, ε)·2^-k_p,
-    max(|z|, ε)·2^-k_z, k_p, k_z): norms scaled by powers of two (kernels/cosine.py)."""
+    max(|z|, ε)·2^-k_z, k_p, k_z): norms scaled by powers of two (kernels/alignment_cosine.py)."""
     r, z, k = geo.rows, w3.shape[0], w3.shape[1]
     z_slots = triton.cdiv(z, min_block(COSINE_CONFIGS, 1))
     # per Z tile: p·z, p·p, z·z of the scaled rows and the two scale exponents

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .alignment_checks import compute_dtype  # noqa: F401  (re-exported: repa_fast.train)
+from .alignment_common import compute_dtype  # noqa: F401  (re-exported: repa_fast.train)
 
 ENV_VAR = "REPA_FAST_OPS_BACKEND"
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -49,7 +49,7 @@ def _encoders():
 
 
 def _attn_backends():
-    from ..attention import CHOICES
+    from ..ops.attention import CHOICES
     return CHOICES
 
 

@@ -94,7 +94,7 @@ class ZeroEngine:
         if ds_config["zero_optimization"]["stage"] == 3:
             # the fused alignment op reads all three projector layers' weights in one call,
             # without calling the layers: ZeRO-3 must gather them when the projector is called
-            from ..ops import REPAProjector
+            from ..models.projector import REPAProjector
             deepspeed.utils.set_z3_leaf_modules(model, [REPAProjector])
         extra = {} if optimizer is not None else dict(
             model_parameters=[p for p in model.parameters() if p.requires_grad])

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..attention import attention, requested_backend
+from ..ops.attention import attention, requested_backend
 
 
 class Attention(nn.Module):
@@ -15,7 +15,7 @@ class Attention(nn.Module):
     Parameters are named as in timm's ``Attention`` (``qkv``, ``q_norm``, ``k_norm``, ``proj``)
     so official SiT/REPA checkpoints load. ``qk_norm`` uses ``LayerNorm(head_dim)`` with timm's
     former default (eps 1e-5, affine), which the official code got from timm's ``norm_layer``.
-    ``backend`` is one of :data:`repa_fast.attention.CHOICES`; None reads
+    ``backend`` is one of :data:`repa_fast.ops.attention.CHOICES`; None reads
     ``$REPA_FAST_ATTN_BACKEND`` (default ``auto``).
     """
 

@@ -1,6 +1,6 @@
 """One batch: per-sample streams -> ODE/SDE sampler -> uint8 images.
 
-The samplers are ``repa_fast.sampling``'s, unchanged (the official time grids, float64 state
+The samplers are ``repa_fast.transport.samplers``'s, unchanged (the official time grids, float64 state
 and CFG pairing). What is added around them:
 
 * the model call (:class:`Velocity`) returns only the velocity (``forward_with_hidden``: the
@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..sampling import euler_maruyama_sampler, euler_sampler
+from ..transport.samplers import euler_maruyama_sampler, euler_sampler
 from .seeding import PerSampleNoise
 
 # torch.compile modes that capture CUDA graphs

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .transport.paths import check_path_type, interpolant
+from .paths import check_path_type, interpolant
 
 
 def expand_t_like_x(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

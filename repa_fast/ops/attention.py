@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..backend_choice import check_choice, requested_choice
+from .backend_choice import check_choice, requested_choice
 
 ENV_VAR = "REPA_FAST_ATTN_BACKEND"
 BACKENDS = ("flash3", "flash4", "flash2", "xformers", "sdpa", "math")
