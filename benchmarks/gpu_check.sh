@@ -5,16 +5,18 @@
 #   env       versions, nvidia-smi, python -m repa_fast.info            -> env.txt
 #   train     benchmarks/test_bench_train.py, SiT-XL/2 + DINOv2-B, 256 px, bf16:
 #             repa_fast's step vs the official-style step (img/s, MFU, peak memory)
-#   align     benchmarks/test_bench_alignment.py, SiT-XL/2 width, forward + backward:
+#   align     benchmarks/test_bench_alignment.py (test_alignment_op), SiT-XL/2 width, fwd + bwd:
 #             fused (recompute on) and fused_saved (off) vs torch.compile of the
 #             reference, the eager reference and the official per-sample loop
 #             (time, TFLOP/s, peak extra memory)
 #   generate  benchmarks/test_bench_generate.py, SDE 250 steps with CFG (guidance
 #             interval), SiT-XL/2 batch 64: repa_fast vs the official-style sampler (img/s)
 #             -> the three suites merged into bench.json, ratios in bench.txt, logs in bench.log
-#   tests     the Triton/attention tests on CUDA tensors     -> tests.log, tests.xml
+#   tests     the Triton/attention tests on CUDA tensors (tests/test_alignment.py less its
+#             native and reference cases)                  -> tests.log, tests.xml
 #   build     (last, optional: runs only with >= 60 s of budget left) the native extension
-#             with its CUDA kernels for this card, then its tests   -> build.log
+#             with its CUDA kernels for this card, then its tests (test_alignment.py -k native)
+#             -> build.log
 # Every step's outcome, time and log tail go to steps.txt, with the budget line first.
 # A step past its limit gets SIGINT (pytest then still writes its JSON and XML: the results
 # so far are kept), SIGKILL GRACE s later. Limits in seconds; override one with
@@ -35,7 +37,7 @@ dry=0
 case "${1:-}" in
     --dry-run) dry=1 ;;
     "") ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
 esac
 
@@ -63,13 +65,16 @@ if [ "$dry" = 1 ]; then
     for s in "${!limit[@]}"; do limit[$s]=$((2 * limit[$s])); done
     total=${GPU_CHECK_TOTAL_S:-1200}
     train_k=() align_k=(-k "tiny-fwd_bwd")
-    tests_k=(-k "fp32_loss_and_every_gradient and False-25-25-0 or test_bad_input or \
-float16_db3 or test_backend_choice or sdpa")
-    native_k=(-k "bad_input or float32")
+    tests_k=(-k "not native and not [reference and (float32_loss_and_every_gradient and \
+triton-equal-5x5-no-target-grad or test_bad_input or float16_db3 or triton_backend_choice or \
+triton_refuses or sdpa)")
+    native_k=(-k "native and (bad_input or float32)")
 else
     unset TRITON_INTERPRET
     train_k=(-k "XL") align_k=(-k "SiT-XL/2-fwd_bwd")
-    tests_k=() native_k=()
+    # test_alignment.py's cases of the reference backend ("[reference..." ids) and of the native
+    # one (run by the build step, once the extension is built) are not this step's
+    tests_k=(-k "not native and not [reference") native_k=(-k native)
 fi
 for s in "${!limit[@]}"; do
     var="GPU_CHECK_LIMIT_${s^^}"
@@ -158,8 +163,8 @@ bench generate benchmarks/test_bench_generate.py
     || echo "summarize failed: see bench.txt" >> "$out/steps.txt"
 
 # --- the kernel tests on CUDA tensors (the interpreter in --dry-run) -------------------
-step tests "$out/tests.log" "$py" -m pytest tests/test_alignment_triton.py \
-    tests/test_alignment_fp16_bias_grad.py tests/test_attention.py tests/test_kernels_compile.py \
+step tests "$out/tests.log" "$py" -m pytest tests/test_alignment.py \
+    tests/test_attention.py tests/test_kernels_compile.py \
     "${pytest_args[@]}" --durations=10 --junitxml="$out/tests.xml" "${tests_k[@]}"
 
 # --- last and optional: the native extension with its CUDA kernels, then its tests ------
@@ -167,7 +172,7 @@ left=$((total - (SECONDS - t_start) - grace))
 if [ "$dry" = 1 ]; then
     echo "dry-run: no CUDA build; the native tests run on what is importable" >> "$out/build.log"
     limit[native]=$left
-    step native "$out/build.log" "$py" -m pytest tests/test_alignment_native.py \
+    step native "$out/build.log" "$py" -m pytest tests/test_alignment.py \
         "${pytest_args[@]}" "${native_k[@]}"
 elif [ "$left" -lt 60 ]; then
     echo "build: SKIPPED, ${left} s of the budget left" | tee -a "$out/steps.txt" "$out/build.log"
@@ -187,8 +192,8 @@ else
         REPA_FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-16}" \
         "$py" setup.py build_ext --inplace; then
         limit[native]=$left
-        step native "$out/build.log" "$py" -m pytest tests/test_alignment_native.py \
-            "${pytest_args[@]}"
+        step native "$out/build.log" "$py" -m pytest tests/test_alignment.py \
+            "${pytest_args[@]}" "${native_k[@]}"
     fi
 fi
 

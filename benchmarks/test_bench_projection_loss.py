@@ -1,5 +1,7 @@
-"""REPA projection loss (after the projector): the official per-sample loop vs the vectorised
-reference, forward + backward. Memory-bound: it reads z and z̃ once (2·B·T·Z elements)."""
+"""SILoss's projection term alone (``transport.projection_loss``, after the projector; the
+fused alignment op is benchmarked in test_bench_alignment.py): the official per-sample loop vs
+the vectorised reference, forward + backward. Memory-bound: it reads z and z̃ once (2·B·T·Z
+elements)."""
 import pytest
 import torch
 

@@ -25,7 +25,7 @@ import torch
 
 from bench_utils import DEVICE, ON_GPU, bf16_matmul_peak_tflops, official_projection_loss, timed
 from repa_fast.models import SiT_models
-from repa_fast.train import build_model
+from repa_fast.training.build import build_model
 from repa_fast.training.config import TrainConfig
 from repa_fast.training.ema import EMA
 from repa_fast.training.metrics import flops_per_image
@@ -48,7 +48,7 @@ def make_encoder():
             warnings.simplefilter("ignore")  # "random weights" warning
             return load_encoder("dinov2-vit-b", "random", 256, device=DEVICE,
                                 dtype=torch.bfloat16), 256
-    from repa_fast.train import demo_encoder
+    from repa_fast.training.encoders import demo_encoder
     return demo_encoder(32), 32
 
 

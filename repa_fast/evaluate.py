@@ -17,9 +17,8 @@ FID on ``pool_3`` (2048), sFID on the first 7 channels of ``mixed_6/conv`` (17·
 IS from the softmax of the bias-free 1008-way logits in splits of 5000, precision/recall with
 k = 3 nearest-neighbour balls on ``pool_3``, reference = manifold of the reference images.
 
-How these numbers compare with ADM's TensorFlow evaluator: **not yet measured** (there is no
-TensorFlow and no copy of the weights where this was written). Expected to agree closely but
-not bit for bit; the known sources of difference are:
+Expected to agree closely with ADM's TensorFlow evaluator but not bit for bit (how closely:
+the README's status table); the known sources of difference are:
 
 * Network: the same 2015-12-05 FID Inception graph, its weights ported to PyTorch by
   torch-fidelity, but run with PyTorch/cuDNN kernels instead of TensorFlow's (TF32 is turned

@@ -32,6 +32,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: deepspeed repa_
     __package__ = "repa_fast"
 
 from .ops.attention import CHOICES as ATTN_BACKENDS
+from .distributed import Distributed
 from .errors import run_cli
 from .generation.errors import UsageError
 from .generation.loading import ModelSpec, load_checkpoint
@@ -182,50 +183,6 @@ def model_flags(args: argparse.Namespace) -> dict:
                 attn_backend=args.attn_backend)
 
 
-# --------------------------------------------------------------------------- processes
-
-class Processes:
-    """Rank and world size from torchrun / the deepspeed launcher (or one process); gloo on
-    the CPU, nccl on GPUs (one per local rank)."""
-
-    def __init__(self):
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        self._owns_group = False
-        if self.world_size > 1 and not torch.distributed.is_initialized():
-            # rank 0 packs the .npz while the others wait at the last barrier: allow for it
-            torch.distributed.init_process_group(
-                "nccl" if self.device.type == "cuda" else "gloo",
-                timeout=datetime.timedelta(hours=2))
-            self._owns_group = True
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def broadcast(self, obj):
-        """``obj`` from rank 0 on every rank."""
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self._owns_group:
-            torch.distributed.destroy_process_group()
-
-
 # --------------------------------------------------------------------------- set-up
 
 def load_decoder(spec: ModelSpec, vae_path: Optional[str], device: torch.device):
@@ -316,7 +273,7 @@ def sample_images(velocity: Velocity, sampler: SamplerConfig, vae, latents_scale
     return to_uint8(samples, vae, latents_scale)
 
 
-def generate_samples(args, procs: Processes, velocity: Velocity, spec: ModelSpec,
+def generate_samples(args, procs: Distributed, velocity: Velocity, spec: ModelSpec,
                      sampler: SamplerConfig, vae, latents_scale: float, settings: dict) -> str:
     """Write the missing PNGs of this rank's batches, then (rank 0) the ``.npz``; returns its
     path."""
@@ -401,7 +358,7 @@ def generate_grid(args, velocity: Velocity, spec: ModelSpec, sampler: SamplerCon
     return out
 
 
-def run(args: argparse.Namespace, procs: Processes) -> str:
+def run(args: argparse.Namespace, procs: Distributed) -> str:
     """Load, check and sample; returns the path written (``.npz`` or grid PNG)."""
     if args.grid and procs.world_size > 1:
         raise UsageError(f"--grid runs in one process; got WORLD_SIZE={procs.world_size}")
@@ -447,7 +404,8 @@ def _generate(args) -> int:
     procs = None
     try:
         check_args(args)
-        procs = Processes()
+        # rank 0 packs the .npz while the others wait at the last barrier: allow for it
+        procs = Distributed(timeout=datetime.timedelta(hours=2))
         with torch.no_grad():
             run(args, procs)
     finally:

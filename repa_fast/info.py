@@ -15,8 +15,8 @@ from .ops.attention import AUTO_ORDER, ENV_VAR as ATTN_ENV, describe_backends as
 from .ops.attention import resolve_backend
 from .ops.attention import import_version
 from .ops import ENV_VAR as OPS_ENV, describe_backends as op_backends
-from .ops.backends import (NATIVE_BUILD_HINT, auto_backend as auto_op_backend,
-                           native_build_summary, native_import_problem, triton_interpreted)
+from .ops.backends import auto_backend as auto_op_backend, triton_interpreted
+from .ops.native_extension import NATIVE_BUILD_HINT, native_build_summary, native_import_problem
 
 # (label, module to import for the version)
 OPTIONAL_PACKAGES = [

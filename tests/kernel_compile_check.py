@@ -27,7 +27,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from repa_fast.kernels import cosine, linear_silu, tuning  # noqa: E402
+from repa_fast.kernels import alignment_cosine, alignment_linear_silu, tuning  # noqa: E402
 from repa_fast.ops import alignment_triton  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -44,18 +44,18 @@ REGISTERS = re.compile(r"Used (\d+) registers")
 # TARGET (not a constexpr) gives the target features' dtype where it differs: under bf16
 # autocast, encoders ending in a LayerNorm (DINOv2, the default) hand the op fp32 features.
 KERNELS = {
-    "linear_bias_silu": (linear_silu.linear_bias_silu_kernel,
+    "linear_bias_silu": (alignment_linear_silu.linear_bias_silu_kernel,
                          dict(x_ptr="c", w_ptr="c", b_ptr="c", pre_ptr="c", act_ptr="c"),
                          [dict(STORE_PRE=p, STORE_ACT=a) for p, a in
                           [(False, True), (True, True), (True, False)]]),
-    "linear_grad_silu": (linear_silu.linear_grad_silu_kernel,
+    "linear_grad_silu": (alignment_linear_silu.linear_grad_silu_kernel,
                          dict(g_ptr="c", w_ptr="c", pre_ptr="c", dpre_ptr="c", dbias_ptr="fp32"),
                          [dict(POOL=1), dict(POOL=2)]),
-    "project_cosine_fwd": (cosine.project_cosine_fwd_kernel,
+    "project_cosine_fwd": (alignment_cosine.project_cosine_fwd_kernel,
                            dict(s_ptr="c", w_ptr="c", b_ptr="c", t_ptr="c", part_ptr="fp32"),
                            [dict(POOL=1, POOL_T=1), dict(POOL=2, POOL_T=1),
                             dict(POOL=1, POOL_T=2), dict(POOL=1, POOL_T=1, TARGET="fp32")]),
-    "project_cosine_bwd": (cosine.project_cosine_bwd_kernel,
+    "project_cosine_bwd": (alignment_cosine.project_cosine_bwd_kernel,
                            dict(s_ptr="c", w_ptr="c", b_ptr="c", t_ptr="c", stats_ptr="fp32",
                                 grad_ptr="fp32", dp_ptr="c", dbias_ptr="fp32", dt_ptr="c"),
                            [dict(POOL=1, POOL_T=1, TARGET_GRAD=True),
@@ -71,7 +71,7 @@ class SharedMemoryTooLarge(Exception):
 
 
 def gpu_configs(kernel):
-    configs = cosine.COSINE_CONFIGS if "cosine" in kernel else tuning.GEMM_CONFIGS
+    configs = alignment_cosine.COSINE_CONFIGS if "cosine" in kernel else tuning.GEMM_CONFIGS
     return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=w, num_stages=s)
             for m, n, k, w, s in configs]
 
@@ -172,7 +172,7 @@ def finish_line(_=None):
     """The finish kernel (no autotuning) at the block size the op launches it with."""
     block = alignment_triton.FINISH_BLOCK
     compiled, (registers, spilled) = compile_for_h100(
-        cosine.cosine_finish_kernel,
+        alignment_cosine.cosine_finish_kernel,
         dict(part_ptr="fp32", stats_ptr="fp32", block_sum_ptr="fp32"), dict(BLOCK=block),
         torch.float32, 4, 1)
     failed = "cubin" not in compiled.asm or spilled > 0

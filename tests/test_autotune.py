@@ -141,7 +141,7 @@ def test_tuning_trials_leave_no_stale_partial_sums(seed, monkeypatch):
     import triton
     import torch
     from alignment_cases import make_inputs
-    from repa_fast.kernels import autotune, cosine, linear_silu
+    from repa_fast.kernels import alignment_cosine, alignment_linear_silu, autotune
     from repa_fast.ops.alignment import repa_alignment_loss
 
     def config(bm, bn):
@@ -153,8 +153,10 @@ def test_tuning_trials_leave_no_stale_partial_sums(seed, monkeypatch):
         return [float(bench.calls)] * 3  # the first config looks fastest
 
     bench.calls = 0
-    for kernel in (cosine.project_cosine_fwd_kernel, cosine.project_cosine_bwd_kernel,
-                   linear_silu.linear_grad_silu_kernel, linear_silu.linear_bias_silu_kernel):
+    for kernel in (alignment_cosine.project_cosine_fwd_kernel,
+                   alignment_cosine.project_cosine_bwd_kernel,
+                   alignment_linear_silu.linear_grad_silu_kernel,
+                   alignment_linear_silu.linear_bias_silu_kernel):
         monkeypatch.setattr(kernel, "configs", [config(64, 64), config(32, 32)])
         monkeypatch.setattr(kernel, "cache", {})
         monkeypatch.setitem(kernel.__dict__, "do_bench", bench)
@@ -171,8 +173,8 @@ def test_tuning_trials_leave_no_stale_partial_sums(seed, monkeypatch):
 
 
 def _valid_entry():
-    from repa_fast.kernels import autotune, linear_silu
-    kernel = linear_silu.linear_bias_silu_kernel
+    from repa_fast.kernels import alignment_linear_silu, autotune
+    kernel = alignment_linear_silu.linear_bias_silu_kernel
     key = ("linear_bias_silu_kernel|M_BUCKET=64|N=80|K=48|STORE_PRE=False|STORE_ACT=True|"
            "PRECISION=ieee|dtypes=float32,float32,float32,float32,float32")
     return key, autotune.config_dict(kernel.configs[0])

@@ -78,7 +78,7 @@ def test_config_json_records_the_resolved_values(monkeypatch, tmp_path):
     cpus(monkeypatch, 2)
     config = TrainConfig()
     config.check()
-    config.check()  # idempotent: train() checks again after main()
+    config.check()  # idempotent: a second check changes nothing
     save_config(config, str(tmp_path / "config.json"))
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["num_workers"] == 1 and saved["report_to"] in ("tensorboard", "none")

@@ -17,42 +17,20 @@ extension when it is built. Shapes are small and odd (B = 3, D = 48, P = 80, Z =
 import pytest
 import torch
 
+from repa_fast import ops
 from repa_fast.models.projector import REPAProjector
-from repa_fast.ops import repa_alignment_loss
+from repa_fast.ops import backend_problem, repa_alignment_loss
 from repa_fast.ops.alignment_common import check_call
-from repa_fast.ops.alignment_reference import repa_alignment_loss_reference
-from repa_fast.ops.backends import REGISTRY
 
-from alignment_cases import DEVICE, loop_loss, make_inputs
+from alignment_cases import (HERE, NAMES, backend_device, backend_params, check_grads, leaves_of,
+                             loop_loss, make_inputs)
 
-NAMES = ["hidden", "w1", "b1", "w2", "b2", "w3", "b3", "target"]
-
-
-def backend_device(name):
-    """Where ``name`` runs float32 here: the GPU when it can, else the CPU, else None."""
-    for device in dict.fromkeys([DEVICE, "cpu"]):
-        if REGISTRY[name](torch.device(device), torch.float32) is None:
-            return device
-    return None
-
-
-def _param(name):
-    problem = None if backend_device(name) else REGISTRY[name](torch.device("cpu"), torch.float32)
-    return pytest.param(name, marks=pytest.mark.skipif(problem is not None, reason=str(problem)))
-
-
-BACKENDS = [_param(name) for name in ("reference", "triton", "native")]
+BACKENDS = backend_params()
 
 
 def direct(name):
     """The backend's own public function."""
-    if name == "triton":
-        from repa_fast.ops.alignment_triton import repa_alignment_loss_triton
-        return repa_alignment_loss_triton
-    if name == "native":
-        from repa_fast.ops.alignment_native import repa_alignment_loss_native
-        return repa_alignment_loss_native
-    return repa_alignment_loss_reference
+    return getattr(ops, f"repa_alignment_loss_{name}")
 
 
 def base_args(device):
@@ -95,7 +73,6 @@ def _tensor(name, fn):
     return change
 
 
-HERE = r"\((cpu|cuda:\d+)\)"
 CASES = [
     # grids
     ("hidden_grid=-4", _set(hidden_grid=-4), ValueError, r"hidden_grid must be a positive int; got -4"),
@@ -197,25 +174,6 @@ def test_the_checks_trace_without_graph_breaks(autocast):
 
 # ----------------------------------------------------------------------------- the dtype rule
 
-def check_grads(loss, inputs, ref, leaves, rtol, names=NAMES, scale=None):
-    """Loss and every gradient against the float64 ``ref`` of ``leaves`` (relative errors);
-    ``scale[name]`` divides the reference gradient (inputs scaled by it)."""
-    grads = torch.autograd.grad(loss, inputs)
-    ref_grads = torch.autograd.grad(ref, leaves)
-    assert abs(loss.item() - ref.item()) <= rtol * (abs(ref.item()) + 1e-2), (loss, ref)
-    for name, g, rg, t in zip(names, grads, ref_grads, inputs):
-        assert g.dtype == t.dtype and g.shape == t.shape, name
-        rg = rg / (scale or {}).get(name, 1.0)
-        g = g.detach().cpu().double()
-        assert torch.isfinite(g).all(), f"d{name} is not finite"
-        err = (g - rg).norm().item()
-        assert err <= rtol * rg.norm().item() + 1e-300, f"d{name}: {err:.3e}, |ref| {rg.norm():.3e}"
-
-
-def leaves_of(inputs):
-    return [t.detach().cpu().double().requires_grad_() for t in inputs]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hidden_dtype, weight_dtype", [(torch.float32, torch.float16),
                                                         (torch.float16, torch.float32)])
@@ -313,8 +271,8 @@ def test_large_finite_float32_values_give_the_float64_loss_and_gradients(
 @pytest.mark.parametrize("backend", ["reference", "native"])
 def test_large_finite_float64_values(seed, backend):
     """float64 values near 1e200: |x|² overflows float64 too."""
-    if backend_device(backend) is None or REGISTRY[backend](torch.device("cpu"),
-                                                            torch.float64) is not None:
+    if backend_device(backend) is None or backend_problem(backend, "cpu",
+                                                          torch.float64) is not None:
         pytest.skip(f"{backend} does not run float64 here")
     h, z, ws, leaves = scaled_inputs("cpu", 16, 65, 1e200, 1e200, True, dtype=torch.float64)
     loss = repa_alignment_loss(h, z, *ws, target_prefix_tokens=1, backend=backend)

@@ -12,8 +12,9 @@ import torch
 
 from repa_fast.errors import UsageError
 from repa_fast.train import main, train
-from repa_fast.training.checkpoint import (checkpoint_path, checkpoint_problem, list_checkpoints,
-                                           load_checkpoint, resolve_resume, save_atomic)
+from repa_fast.training.checkpoint_files import (checkpoint_path, checkpoint_problem,
+                                                 list_checkpoints, load_checkpoint,
+                                                 resolve_resume, save_atomic)
 from repa_fast.training.config import parse_args
 
 pytest.importorskip("tqdm")

@@ -395,7 +395,7 @@ def test_deepspeed_launcher_writes_the_same_npz_as_one_process(ckpts, tmp_path):
 
 
 def test_a_truncated_training_checkpoint_is_named(ckpts, tmp_path, capsys):
-    from repa_fast.training.checkpoint import save_atomic
+    from repa_fast.training.checkpoint_files import save_atomic
     path = tmp_path / "0000010.pt"
     save_atomic(torch.load(ckpts["ours"], weights_only=True), str(path))
     with open(path, "r+b") as f:

@@ -42,6 +42,13 @@ def test_script_parses_and_its_budget_fits_one_device_call():
     assert f'FILES="{" ".join(FILES)}"' in text
 
 
+def test_script_names_only_files_that_exist():
+    """The suites and test files the steps run (renamed or merged files must be renamed here)."""
+    named = set(re.findall(r"\b((?:tests|benchmarks)/[\w/]+\.py)\b", SCRIPT.read_text()))
+    assert {"benchmarks/test_bench_alignment.py", "tests/test_alignment.py"} <= named
+    assert [path for path in sorted(named) if not (ROOT / path).is_file()] == []
+
+
 @pytest.mark.slow
 def test_dry_run_writes_every_result_file(tmp_path):
     out = tmp_path / "out"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from repa_fast.train import main, train
-from repa_fast.training.checkpoint import checkpoint_problem, list_checkpoints, save_atomic
+from repa_fast.training.checkpoint_files import checkpoint_problem, list_checkpoints, save_atomic
 from repa_fast.training.config import TrainConfig, parse_args
 
 pytest.importorskip("tqdm")
@@ -273,7 +273,7 @@ def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path):
     half-written file is never listed as a checkpoint."""
     script = f"""
 import sys, time, torch
-from repa_fast.training.checkpoint import save_atomic
+from repa_fast.training.checkpoint_files import save_atomic
 save_atomic({{"steps": 1, "w": torch.ones(3)}}, {str(tmp_path / "0000001.pt")!r})
 def slow(obj, f):
     f.write(b"x" * 4096); f.flush()

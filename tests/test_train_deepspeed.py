@@ -52,7 +52,7 @@ def test_zero_save_and_exact_resume(tmp_path, stage):
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     # the consolidated file holds full weights (gathered under ZeRO-3) that a plain SiT loads
     ckpt = torch.load(tmp_path / "full" / "demo" / "checkpoints" / "0000004.pt", weights_only=True)
-    from repa_fast.train import build_model
+    from repa_fast.training.build import build_model
     from repa_fast.training.config import TrainConfig, PRESETS
     model = build_model(TrainConfig(**PRESETS["demo"]), 3, 32, [64])  # SiT-T/4, demo encoder
     model.load_state_dict(ckpt["model"])

@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from repa_fast.train import train
 from repa_fast.training.config import parse_args
+from repa_fast.training.engine import PlainEngine
 from repa_fast.training.step import TrainStep, step_draws
 
 pytest.importorskip("tqdm")
@@ -88,13 +89,13 @@ def test_no_host_read_between_log_steps(tmp_path, monkeypatch, backend, steps):
 
 def test_the_recorder_sees_a_hidden_sync(tmp_path, monkeypatch):
     """A step that reads its loss (as ``float(loss)`` would) is caught: the test can fail."""
-    real_update = TrainStep._update
+    real_update = PlainEngine.backward_and_step
 
-    def reading(self, total):
+    def reading(self, total, ema):
         float(total.detach())
-        return real_update(self, total)
+        return real_update(self, total, ema)
 
-    monkeypatch.setattr(TrainStep, "_update", reading)
+    monkeypatch.setattr(PlainEngine, "backward_and_step", reading)
     with pytest.raises(AssertionError, match="host reads inside the training steps"):
         test_no_host_read_between_log_steps(tmp_path, monkeypatch, "reference", 3)
 
@@ -127,7 +128,8 @@ def test_compile_defaults_on_for_cuda_only_and_stays_opt_in_under_deepspeed():
 
 
 def test_unusable_checkpoint_tiles_warn_and_are_chosen_anew():
-    from repa_fast.train import Distributed, warm_kernels
+    from repa_fast.distributed import Distributed
+    from repa_fast.training.tiles import warm_kernels
     config = parse_args(["--preset", "demo", "--no-fused-loss"])
     with pytest.warns(UserWarning, match="kernel_tiles cannot be used"):
         warm_kernels(config, None, [], torch.device("cpu"), 4, Distributed(),

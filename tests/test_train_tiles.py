@@ -73,7 +73,7 @@ def test_tiles_are_tuned_before_the_steps_and_resume_uses_the_recorded_ones(tmp_
         flipped[key] = other
     assert flipped != recorded
     state["kernel_tiles"] = flipped
-    from repa_fast.training.checkpoint import save_atomic
+    from repa_fast.training.checkpoint_files import save_atomic
     save_atomic(state, str(ckpt_path))  # with a new checksum record: an edit must be re-saved
 
     # a fresh cache directory: without the checkpoint's tiles this process would tune

@@ -236,7 +236,7 @@ def _read(path: str):
     weights) are read, not the optimizer state of a training checkpoint, and processes on one
     machine share the pages. Old (non-zip) torch files are read whole. A training checkpoint's
     size is checked against its record (hashing it would read it all)."""
-    from ..training.checkpoint import checkpoint_problem
+    from ..training.checkpoint_files import checkpoint_problem
     problem = checkpoint_problem(path, verify_hash=False)
     if problem is not None:
         raise UsageError(f"--ckpt {path}: {problem}")

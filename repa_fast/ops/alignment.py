@@ -1,15 +1,23 @@
 """``repa_alignment_loss``: the REPA alignment op with backend dispatch (the functional form;
-the module is :class:`repa_fast.models.projector.REPAProjector`)."""
+the module is :class:`repa_fast.models.projector.REPAProjector`), and each fused backend's own
+public function (``repa_alignment_loss_triton``, ``repa_alignment_loss_native``: the op with
+that backend forced).
+
+The backend modules are imported on use only: ``alignment_triton`` needs triton,
+``alignment_native`` the extension ``repa_fast._C``; importing the latter also registers its
+ops' fake kernels and autograd, which ``torch.compile`` needs before it traces a call.
+"""
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
 
-from .backend_choice import requested_choice
 from .alignment_common import check_call, compute_dtype
 from .alignment_reference import reference_loss
-from .backends import ENV_VAR, REGISTRY, auto_backend
+from .backend_choice import requested_choice
+from .backends import ENV_VAR, REGISTRY, auto_backend, backend_problem
 
 CHOICES = ("auto",) + tuple(REGISTRY)
 
@@ -19,18 +27,28 @@ def requested_backend(explicit: Optional[str] = None) -> str:
     return requested_choice(explicit, CHOICES, "backend", ENV_VAR)
 
 
+# the fused backends' modules, imported on use (triton needs triton, native repa_fast._C)
+_MODULES = {"triton": ".alignment_triton", "native": ".alignment_native"}
+
+
 @torch.compiler.assume_constant_result
 def _resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     # torch.compile runs this while tracing and keeps the answer (guarded by device and dtype
     # specialisation anyway), so backend dispatch never breaks the graph.
     if requested == "auto":
-        return auto_backend(device, dtype)
-    reason = REGISTRY[requested](device, dtype)
-    if reason is not None:
-        raise ValueError(f"alignment-op backend {requested!r} was forced but cannot run this "
-                         f"call ({device.type}, {dtype}): {reason}. Use backend='auto' or "
-                         f"${ENV_VAR}=auto to fall back to a backend that can.")
-    return requested
+        name = auto_backend(device, dtype)
+    else:
+        reason = backend_problem(requested, device, dtype)
+        if reason is not None:
+            raise ValueError(f"alignment-op backend {requested!r} was forced but cannot run this "
+                             f"call ({device.type}, {dtype}): {reason}. Use backend='auto' or "
+                             f"${ENV_VAR}=auto to fall back to a backend that can.")
+        name = requested
+    if name in _MODULES:
+        # imported here, eagerly even under torch.compile: the native ops' fake kernels and
+        # autograd must be registered before the trace reaches the op
+        importlib.import_module(_MODULES[name], __package__)
+    return name
 
 
 def resolved_backend(device: torch.device, dtype: torch.dtype,
@@ -83,9 +101,36 @@ def repa_alignment_loss(hidden: torch.Tensor, target: torch.Tensor,
     name = _resolve(requested_backend(backend), hidden.device, compute_dtype(hidden))
     args = (hidden, target, w1, b1, w2, b2, w3, b3, hg, tg, target_prefix_tokens)
     if name == "triton":
-        from .alignment_triton import triton_loss  # needs triton: import on use
+        from .alignment_triton import triton_loss  # imported by _resolve
         return triton_loss(*args, recompute)
     if name == "native":
-        from .alignment_native import native_loss  # needs repa_fast._C
+        from .alignment_native import native_loss  # imported by _resolve
         return native_loss(*args, recompute)
     return reference_loss(*args)
+
+
+def _forced(name: str, doc: str):
+    """``repa_alignment_loss`` with ``backend=name``: one backend's public function (checked
+    and refused exactly as a forced call of the op)."""
+    def loss(hidden: torch.Tensor, target: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+             w2: torch.Tensor, b2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, *,
+             hidden_grid: Optional[int] = None, target_grid: Optional[int] = None,
+             target_prefix_tokens: int = 0, recompute: bool = True) -> torch.Tensor:
+        return repa_alignment_loss(hidden, target, w1, b1, w2, b2, w3, b3,
+                                   hidden_grid=hidden_grid, target_grid=target_grid,
+                                   target_prefix_tokens=target_prefix_tokens,
+                                   recompute=recompute, backend=name)
+
+    loss.__name__ = loss.__qualname__ = f"repa_alignment_loss_{name}"
+    loss.__doc__ = doc
+    return loss
+
+
+repa_alignment_loss_triton = _forced("triton", """The alignment loss on the fused Triton kernels
+    (fp32 scalar; :mod:`repa_fast.ops.alignment_triton`). The GEMMs run in :func:`compute_dtype`
+    (weights are cast to it, differentiably, as autocast would); accumulation, the cosine and
+    the loss are fp32.""")
+repa_alignment_loss_native = _forced("native", """The alignment loss on the native kernels
+    (:mod:`repa_fast.ops.alignment_native`); a float32 scalar (float64 for float64 inputs). The
+    GEMMs run in :func:`compute_dtype` (weights are cast to it, differentiably, as autocast
+    would); the target keeps its dtype (read in the accumulate dtype).""")

@@ -1,4 +1,5 @@
-"""Argument checks of the alignment op, one set for every backend.
+"""What every backend of the alignment op shares: argument checks, the dtype the GEMMs run in,
+token pooling and overflow-free row normalisation. Depends on torch only.
 
 :func:`check_call` runs in ``repa_alignment_loss`` before a backend is chosen and again in each
 backend's public function, so a direct call is checked the same way. It reads metadata only
@@ -27,6 +28,7 @@ from typing import Optional
 
 import torch
 
+EPS = 1e-12  # F.normalize's eps
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # argument name -> (rank, layout shown in messages)
 RANKS = {"hidden": (3, "[B, T, D]"), "target": (3, "[B, T', Z]"), "w1": (2, "[P, D]"),
@@ -49,6 +51,13 @@ def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     if cast is not None and hidden.dtype != torch.float64:
         return cast
     return hidden.dtype
+
+
+def in_compute_dtype(hidden: torch.Tensor, *weights: torch.Tensor) -> list[torch.Tensor]:
+    """``[hidden, *weights]`` cast to :func:`compute_dtype` (differentiably, as autocast casts
+    ``F.linear``'s inputs): what the fused backends hand their GEMMs."""
+    dtype = compute_dtype(hidden)
+    return [t.to(dtype) for t in (hidden, *weights)]
 
 
 def _shape(t: torch.Tensor) -> list:
@@ -168,6 +177,32 @@ def pool_ratio(hidden_grid: int, target_grid: int) -> tuple[int, int]:
     raise ValueError(f"the SiT grid ({hidden_grid}x{hidden_grid}) and the target grid "
                      f"({target_grid}x{target_grid}) must differ by an integer factor per side; "
                      f"target grids that would work with this SiT grid: {fits}")
+
+
+def avg_pool_tokens(x: torch.Tensor, grid: int, k: int) -> torch.Tensor:
+    """Average-pool row-major grid tokens [B, grid², C] over k×k patches -> [B, (grid/k)², C]."""
+    if k == 1:
+        return x
+    b, _, c = x.shape
+    g = grid // k
+    return x.reshape(b, g, k, g, k, c).mean(dim=(2, 4)).reshape(b, g * g, c)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x, dim=-1)`` = x / max(|x|, ε) without overflow, for every finite x.
+
+    With m = max_i |x_i| ≥ 1 and s = 2^⌊log₂ m⌋ (so that m/s ∈ [1, 2)):
+    x / max(|x|, ε) = (x/s) / max(|x/s|, ε/s), and |x/s|² ≤ 4·dim cannot overflow. Division by
+    a power of two is exact, hence bitwise F.normalize where |x|² does not overflow; s is a
+    constant of the row for autograd (the result does not depend on it). Rows with m < 1 (zero
+    rows included) are not scaled; NaN/Inf rows stay NaN. Cost: a row maximum and one more
+    elementwise division per side, small beside the projector's GEMMs.
+    """
+    m = x.detach().abs().amax(dim=-1, keepdim=True)
+    mantissa, _ = torch.frexp(m)  # m = mantissa·2^e, mantissa ∈ [0.5, 1): m/(2·mantissa) = 2^(e−1)
+    scale = torch.where(m >= 1, m / (2 * mantissa), torch.ones_like(m))
+    x = x / scale
+    return x / x.norm(2, -1, keepdim=True).clamp_min(EPS / scale)
 
 
 def check_call(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid=None, target_grid=None,

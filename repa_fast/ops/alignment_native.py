@@ -27,12 +27,10 @@ This module registers the ops' fake (meta) implementations and autograd formula,
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from .alignment_common import check_call, compute_dtype, pool_ratio
-from .backends import _native_problem, native_import_problem
+from .alignment_common import in_compute_dtype, pool_ratio
+from .native_extension import native_import_problem
 
 _PROBLEM = native_import_problem()
 if _PROBLEM is not None:
@@ -98,42 +96,20 @@ def _backward(ctx, grad, *unused):
 torch.library.register_autograd(FWD, _backward, setup_context=_setup_context)
 
 
-@torch.compiler.assume_constant_result
-def _call_problem(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    # evaluated once while torch.compile traces, like the backend choice itself
-    return _native_problem(device, dtype)
-
-
 def native_loss(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid: int, target_grid: int,
                 target_prefix_tokens: int, recompute: bool) -> torch.Tensor:
-    """The loss of arguments :func:`check_call` accepted (grids resolved by it)."""
-    dtype = compute_dtype(hidden)
-    problem = _call_problem(hidden.device, dtype)
-    if problem is not None:
-        raise ValueError(f"alignment-op backend 'native' cannot run this call: {problem}")
-    weights = [w.to(dtype) for w in (w1, b1, w2, b2, w3, b3)]
+    """The loss of arguments :func:`check_call` accepted (grids resolved by it), on a device and
+    dtype the registry said this backend runs (:func:`repa_fast.ops.backends.backend_problem`);
+    the public entry is ``repa_fast.ops.alignment.repa_alignment_loss_native``.
+
+    The GEMMs run in :func:`compute_dtype` (weights are cast to it, differentiably, as autocast
+    would); the target keeps its dtype (read in the accumulate dtype). A float32 scalar (float64
+    for float64 inputs).
+    """
     # intermediates are worth keeping only for a backward
     save = not recompute and torch.is_grad_enabled() and any(
         t.requires_grad for t in (hidden, target, w1, b1, w2, b2, w3, b3))
+    hidden, *weights = in_compute_dtype(hidden, w1, b1, w2, b2, w3, b3)
     loss, *_ = torch.ops.repa_fast.native_alignment_fwd(
-        hidden.to(dtype), target, *weights, hidden_grid, target_grid, target_prefix_tokens, save)
+        hidden, target, *weights, hidden_grid, target_grid, target_prefix_tokens, save)
     return loss
-
-
-def repa_alignment_loss_native(hidden: torch.Tensor, target: torch.Tensor,
-                               w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                               b2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, *,
-                               hidden_grid: Optional[int] = None,
-                               target_grid: Optional[int] = None,
-                               target_prefix_tokens: int = 0,
-                               recompute: bool = True) -> torch.Tensor:
-    """The alignment loss on the native kernels (module docstring); a float32 scalar (float64
-    for float64 inputs).
-
-    The GEMMs run in :func:`compute_dtype` (weights are cast to it, differentiably, as autocast
-    would); the target keeps its dtype (read in the accumulate dtype).
-    """
-    hg, tg = check_call(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid, target_grid,
-                        target_prefix_tokens, recompute)
-    return native_loss(hidden, target, w1, b1, w2, b2, w3, b3, hg, tg, target_prefix_tokens,
-                       recompute)

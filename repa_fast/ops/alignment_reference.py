@@ -13,7 +13,8 @@ The norms do not overflow: |x|² of a float32 row overflows once |x| ≳ 1.8e19,
 ``F.normalize`` then returns zeros (a silently zero loss). :func:`normalize` first divides each
 row whose largest |x_i| is m ≥ 1 by 2^⌊log₂ m⌋ (ε with it), an exact power of two, so the
 result is bitwise ``F.normalize``'s wherever that does not overflow, and right for every finite
-row. Arguments are checked by :func:`repa_fast.ops.alignment_common.check_call`.
+row. Arguments are checked by :func:`repa_fast.ops.alignment_common.check_call`; pooling and
+:func:`normalize` live there too (the fused backends and ``transport.losses`` share them).
 """
 from __future__ import annotations
 
@@ -22,38 +23,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .alignment_common import check_call, pool_ratio
+from .alignment_common import EPS, avg_pool_tokens, check_call, normalize, pool_ratio
 
-EPS = 1e-12  # F.normalize's eps
-
-__all__ = ["avg_pool_tokens", "check_call", "cosine_loss", "normalize", "pool_ratio", "project",
-           "reference_loss", "repa_alignment_loss_reference"]
-
-
-def avg_pool_tokens(x: torch.Tensor, grid: int, k: int) -> torch.Tensor:
-    """Average-pool row-major grid tokens [B, grid², C] over k×k patches -> [B, (grid/k)², C]."""
-    if k == 1:
-        return x
-    b, _, c = x.shape
-    g = grid // k
-    return x.reshape(b, g, k, g, k, c).mean(dim=(2, 4)).reshape(b, g * g, c)
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """``F.normalize(x, dim=-1)`` = x / max(|x|, ε) without overflow, for every finite x.
-
-    With m = max_i |x_i| ≥ 1 and s = 2^⌊log₂ m⌋ (so that m/s ∈ [1, 2)):
-    x / max(|x|, ε) = (x/s) / max(|x/s|, ε/s), and |x/s|² ≤ 4·dim cannot overflow. Division by
-    a power of two is exact, hence bitwise F.normalize where |x|² does not overflow; s is a
-    constant of the row for autograd (the result does not depend on it). Rows with m < 1 (zero
-    rows included) are not scaled; NaN/Inf rows stay NaN. Cost: a row maximum and one more
-    elementwise division per side, small beside the projector's GEMMs.
-    """
-    m = x.detach().abs().amax(dim=-1, keepdim=True)
-    mantissa, _ = torch.frexp(m)  # m = mantissa·2^e, mantissa ∈ [0.5, 1): m/(2·mantissa) = 2^(e−1)
-    scale = torch.where(m >= 1, m / (2 * mantissa), torch.ones_like(m))
-    x = x / scale
-    return x / x.norm(2, -1, keepdim=True).clamp_min(EPS / scale)
+__all__ = ["EPS", "avg_pool_tokens", "check_call", "cosine_loss", "normalize", "pool_ratio",
+           "project", "reference_loss", "repa_alignment_loss_reference"]
 
 
 def cosine_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -47,12 +47,10 @@ import torch
 import triton
 
 from ..kernels.alignment_cosine import (COSINE_CONFIGS, STATS_ROWS, cosine_finish_kernel,
-                              project_cosine_bwd_kernel, project_cosine_fwd_kernel)
+                                       project_cosine_bwd_kernel, project_cosine_fwd_kernel)
 from ..kernels.alignment_linear_silu import linear_bias_silu_kernel, linear_grad_silu_kernel
 from ..kernels.tuning import GEMM_CONFIGS, INTERPRET, m_bucket, min_block
-from .alignment_common import check_call, compute_dtype, pool_ratio
-from .alignment_reference import avg_pool_tokens
-from .backends import _triton_problem
+from .alignment_common import avg_pool_tokens, in_compute_dtype, pool_ratio
 
 # rows per program of the finish kernel (its grid: cdiv(R, FINISH_BLOCK) programs)
 FINISH_BLOCK = 64 if INTERPRET else 256
@@ -331,11 +329,13 @@ alignment_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def triton_loss(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid: int, target_grid: int,
                 target_prefix_tokens: int, recompute: bool) -> torch.Tensor:
-    """The loss of arguments :func:`check_call` accepted (grids resolved by it)."""
-    dtype = compute_dtype(hidden)
-    problem = _triton_problem(hidden.device, dtype)
-    if problem is not None:
-        raise ValueError(f"alignment-op backend 'triton' cannot run this call: {problem}")
+    """The loss of arguments :func:`check_call` accepted (grids resolved by it), on a device and
+    dtype the registry said this backend runs (:func:`repa_fast.ops.backends.backend_problem`);
+    the public entry is ``repa_fast.ops.alignment.repa_alignment_loss_triton``.
+
+    The GEMMs run in :func:`compute_dtype` (weights are cast to it, differentiably, as autocast
+    would); accumulation, the cosine and the loss are fp32.
+    """
     # the kernels index with 32-bit offsets
     largest = max(hidden.shape[0] * hidden.shape[1] * max(hidden.shape[2], w1.shape[0]),
                   target.shape[0] * target.stride(0), w2.numel())
@@ -343,25 +343,7 @@ def triton_loss(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid: int, target
         raise ValueError(f"the Triton kernels index with 32-bit offsets; this call needs "
                          f"{largest} elements in one tensor (hidden {list(hidden.shape)}, "
                          f"projector dim {w1.shape[0]}): split the batch into smaller chunks")
-    weights = [w.to(dtype) for w in (w1, b1, w2, b2, w3, b3)]
-    loss, *_ = alignment_loss_fwd(hidden.to(dtype), target, *weights, hidden_grid, target_grid,
+    hidden, *weights = in_compute_dtype(hidden, w1, b1, w2, b2, w3, b3)
+    loss, *_ = alignment_loss_fwd(hidden, target, *weights, hidden_grid, target_grid,
                                   target_prefix_tokens, not recompute)
     return loss
-
-
-def repa_alignment_loss_triton(hidden: torch.Tensor, target: torch.Tensor,
-                               w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                               b2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, *,
-                               hidden_grid: Optional[int] = None,
-                               target_grid: Optional[int] = None,
-                               target_prefix_tokens: int = 0,
-                               recompute: bool = True) -> torch.Tensor:
-    """The alignment loss on the fused Triton kernels (fp32 scalar); see the module docstring.
-
-    The GEMMs run in :func:`compute_dtype` (weights are cast to it, differentiably, as
-    autocast would); accumulation, the cosine and the loss are fp32.
-    """
-    hg, tg = check_call(hidden, target, w1, b1, w2, b2, w3, b3, hidden_grid, target_grid,
-                        target_prefix_tokens, recompute)
-    return triton_loss(hidden, target, w1, b1, w2, b2, w3, b3, hg, tg, target_prefix_tokens,
-                       recompute)

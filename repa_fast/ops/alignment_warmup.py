@@ -44,7 +44,7 @@ def warm_alignment_op(projector, hidden_shape: Sequence[int], target_shape: Sequ
     (a smaller last batch is another M bucket). Returns :func:`autotune.warmup`'s summary.
     """
     from ..kernels import autotune
-    from .alignment_triton import repa_alignment_loss_triton
+    from .alignment import repa_alignment_loss_triton
 
     d, p, z = projector_dims(projector)
     if len(hidden_shape) != 3 or hidden_shape[2] != d:

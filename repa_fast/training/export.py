@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from .checkpoint import save_safetensors
+from .checkpoint_files import save_safetensors
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ import os
 import shutil
 
 from ..errors import UsageError
-from .checkpoint import list_checkpoints
+from .checkpoint_files import list_checkpoints
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "samples", "tensorboard", "wandb_run_id")
 

@@ -8,12 +8,13 @@
 No host synchronisation (plain and DDP paths): the random draws are made on the device from
 (seed, step), the non-finite skip is a device flag read by the fused AdamW kernel and the EMA,
 and the step returns device tensors that the loop sums and reads only when it logs.
-Under DeepSpeed one host read remains per step (see :meth:`TrainStep.__call__`).
+Under DeepSpeed one host read remains per step (see
+:meth:`repa_fast.training.zero.ZeroEngine.backward_and_step`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -23,7 +24,8 @@ from ..transport.timesteps import sample_time
 from .. import vae as vae_module
 from .config import TrainConfig
 from .ema import EMA
-from .optim import build_optimizer, skippable_step
+from .engine import Engine, PlainEngine
+from .optim import build_optimizer
 
 
 class Draws(NamedTuple):
@@ -102,32 +104,20 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class TrainStep:
-    """Everything one step uses. ``forward`` is what the loss calls (the model, or its DDP /
-    DeepSpeed wrapper, compiled or not); ``model`` is the bare module whose parameters are
-    clipped and averaged."""
+    """Everything one step uses. ``engine`` trains the weights
+    (:class:`repa_fast.training.engine.Engine`: the plain or DDP path, or DeepSpeed);
+    ``forward`` is what the loss calls (the engine's wrapped module, compiled or not)."""
     config: TrainConfig
     device: torch.device
-    model: nn.Module
+    engine: Engine
     forward: Callable
     encoders: list
     loss_fn: SILoss
-    optimizer: Optional[torch.optim.Optimizer]
     ema: EMA
     x_shape: tuple
     latents_scale: float = 1.0
     rank: int = 0
     world_size: int = 1
-    scaler: Optional[torch.amp.GradScaler] = None
-    zero: Any = None   # repa_fast.training.zero.ZeroEngine under DeepSpeed
-    _distributed: bool = field(default=False, init=False)
-
-    def __post_init__(self):
-        if self.scaler is None:
-            self.scaler = torch.amp.GradScaler(
-                self.device.type, enabled=self.config.mixed_precision == "fp16"
-                and self.zero is None)
-        self._distributed = (self.world_size > 1 and torch.distributed.is_available()
-                             and torch.distributed.is_initialized())
 
     @classmethod
     def build(cls, config: TrainConfig, model: nn.Module, encoders: list,
@@ -135,13 +125,13 @@ class TrainStep:
               compile: Optional[bool] = None) -> "TrainStep":
         """A single-process step with a fresh optimizer and EMA (benchmarks, tests);
         ``compile`` defaults to the config's resolved setting."""
-        optimizer = make_optimizer(config, model.parameters())
+        engine = plain_engine(config, model, device)
         ema = EMA(model, config.ema_decay)
         ema.update(model, decay=0.0)
         use_compile = resolve_compile(config, device) if compile is None else compile
-        forward, encoders = compiled(model, encoders, use_compile)
-        return cls(config, device, model, forward, encoders, make_loss(config), optimizer, ema,
-                   x_shape, latents_scale)
+        forward, encoders = compiled(engine.wrapped, encoders, use_compile)
+        return cls(config, device, engine, forward, encoders, make_loss(config), ema, x_shape,
+                   latents_scale)
 
     def __call__(self, step: int, images: torch.Tensor, moments: torch.Tensor,
                  labels: torch.Tensor) -> StepOutput:
@@ -164,40 +154,15 @@ class TrainStep:
                                            time=draws.time, noise=draws.noise)
             loss_mean, proj_mean = loss.mean(), proj_loss.mean()
             total = loss_mean + config.proj_coeff * proj_mean
-        if self.zero is not None:
-            grad_norm, found_inf = self._deepspeed_update(total)
-        else:
-            grad_norm, found_inf = self._update(total)
+        grad_norm, found_inf = self.engine.backward_and_step(total, self.ema)
         return StepOutput(loss_mean.detach(), proj_mean.detach(), grad_norm.detach(), found_inf)
 
-    def _update(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        optimizer, scaler = self.optimizer, self.scaler
-        scaler.scale(total).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   self.config.max_grad_norm)
-        # a non-finite loss or gradient norm skips the step on the device: the fused AdamW
-        # kernel and the EMA read found_inf, nothing waits for the host
-        found_inf = (~(torch.isfinite(total.detach()) & torch.isfinite(grad_norm))).float()
-        if self._distributed:  # every rank skips together
-            torch.distributed.all_reduce(found_inf, torch.distributed.ReduceOp.MAX)
-        skippable_step(optimizer, found_inf)
-        self.ema.update(self.model, found_inf=found_inf)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm, found_inf
 
-    def _deepspeed_update(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # DeepSpeed clips and steps inside engine.step(), which has no skip input for bf16/fp32
-        # (fp16 has its loss scaler): the loss is read on the host before the backward, the
-        # one host synchronisation per step left on this path
-        finite = bool(torch.isfinite(total))
-        grad_norm = torch.zeros((), device=self.device)
-        if finite:
-            grad_norm = self.zero.backward_and_step(total).to(self.device)
-            with self.zero.gathered():
-                self.ema.update(self.zero.module)
-        return grad_norm, torch.tensor(float(not finite), device=self.device)
+def plain_engine(config: TrainConfig, model: nn.Module, device: torch.device,
+                 world_size: int = 1) -> PlainEngine:
+    """The plain (one process or DDP) engine with ``--optimizer`` over ``model``'s weights."""
+    return PlainEngine(model, make_optimizer(config, model.parameters()), device,
+                       config.max_grad_norm, world_size, fp16=config.mixed_precision == "fp16")
 
 
 def make_loss(config: TrainConfig) -> SILoss:

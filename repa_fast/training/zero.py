@@ -86,10 +86,11 @@ def load_ds_config(path: str, config: TrainConfig, world_size: int, device: torc
 
 
 class ZeroEngine:
-    """The DeepSpeed engine around the SiT, with the few calls the loop needs. ``optimizer``
-    None: DeepSpeed builds its own from ``ds_config['optimizer']`` (``--optimizer deepspeed``)."""
+    """The DeepSpeed engine around the SiT, with the calls of
+    :class:`repa_fast.training.engine.Engine`. ``optimizer`` None: DeepSpeed builds its own
+    from ``ds_config['optimizer']`` (``--optimizer deepspeed``)."""
 
-    def __init__(self, model, optimizer, ds_config: dict):
+    def __init__(self, model, optimizer, ds_config: dict, device: torch.device):
         import deepspeed
         if ds_config["zero_optimization"]["stage"] == 3:
             # the fused alignment op reads all three projector layers' weights in one call,
@@ -101,10 +102,15 @@ class ZeroEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, **extra)
         self.stage = ds_config["zero_optimization"]["stage"]
+        self.device = device
 
     @property
     def module(self):
         return self.engine.module
+
+    @property
+    def wrapped(self):
+        return self.engine
 
     def gathered(self):
         """Context in which every rank sees full weights (ZeRO-3), else nothing to do."""
@@ -113,11 +119,25 @@ class ZeroEngine:
         import deepspeed
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
-    def backward_and_step(self, loss: torch.Tensor) -> torch.Tensor:
-        """Backward, clip (``gradient_clipping``), step; returns the pre-clip gradient norm
-        (a tensor; kept on the device when DeepSpeed gives one, so it is not read here)."""
-        self.engine.backward(loss)
-        self.engine.step()
+    def backward_and_step(self, loss: torch.Tensor, ema) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward, clip (``gradient_clipping``), step and EMA update; returns (the pre-clip
+        gradient norm, found_inf), 0 and 1.0 for a skipped step.
+
+        ``engine.step()`` has no skip input for bf16/fp32 (fp16 has its loss scaler): the loss
+        is read on the host before the backward, the one host synchronisation per step left
+        on this path."""
+        finite = bool(torch.isfinite(loss))
+        grad_norm = torch.zeros((), device=self.device)
+        if finite:
+            self.engine.backward(loss)
+            self.engine.step()
+            grad_norm = self._grad_norm().to(self.device)
+            with self.gathered():
+                ema.update(self.module)
+        return grad_norm, torch.tensor(float(not finite), device=self.device)
+
+    def _grad_norm(self) -> torch.Tensor:
+        """DeepSpeed's pre-clip gradient norm, kept on the device when it gives a tensor."""
         norm = self.engine.get_global_grad_norm()
         if isinstance(norm, torch.Tensor):
             return norm.detach().float()
@@ -128,11 +148,14 @@ class ZeroEngine:
         with self.gathered():
             return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
 
-    def save(self, directory: str, step: int) -> None:
-        """Optimizer and weight partitions (a collective: every rank calls it)."""
+    def save(self, directory: str, step: int) -> dict:
+        """Optimizer and weight partitions (a collective: every rank calls it); nothing of
+        them goes into the checkpoint file."""
         self.engine.save_checkpoint(directory, tag=f"{step:07d}")
+        return {}
 
-    def load(self, directory: str, step: int) -> None:
+    def load(self, state: dict, directory: str, source: str) -> None:
+        step = int(state["steps"])
         path, _ = self.engine.load_checkpoint(directory, tag=f"{step:07d}")
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {step:07d} in {directory} to "

@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..ops.alignment_reference import normalize
+from ..ops.alignment_common import normalize
 from .paths import check_path_type, interpolate
 from .timesteps import WEIGHTINGS, sample_time
 
