@@ -305,3 +305,35 @@ def test_resume_on_another_device_kind_warns_that_draws_differ(tmp_path):
     with pytest.warns(UserWarning, match="trained on NVIDIA H200, this run is on cpu"):
         assert main(demo_args(tmp_path, "--max-train-steps", "2", "--checkpointing-steps", "1",
                               "--report-to", "none", "--resume", "auto")) == 0
+
+
+def test_sample_grid_is_tiled_and_a_killed_write_leaves_no_file(tmp_path, monkeypatch):
+    """The EMA grid: 16 samples tiled 4×4 (pixel-space model: no VAE); a write that dies
+    half-way leaves nothing at the path, so the end-of-run check does not take a torn PNG for
+    a written grid."""
+    import numpy as np
+    from PIL import Image
+
+    from repa_fast.models import SiT
+    from repa_fast.training.samples import sample_grid
+
+    torch.manual_seed(0)
+    model = SiT(input_size=8, in_channels=3, patch_size=2, hidden_size=48, depth=2,
+                num_heads=4, encoder_depth=1, num_classes=4, z_dims=[16],
+                projector_dim=32).eval()
+    noise, labels = torch.randn(16, 3, 8, 8), torch.arange(16) % 4
+    path = tmp_path / "samples" / "0000010.png"
+    grid = sample_grid(model, noise, labels, 1.0, None, str(path))
+    assert tuple(grid.shape) == (3, 32, 32)
+    assert np.array_equal(np.asarray(Image.open(path)), grid.permute(1, 2, 0).numpy())
+
+    def dies_half_way(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG\r\n")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", dies_half_way)
+    torn = tmp_path / "samples" / "0000020.png"
+    with pytest.raises(OSError):
+        sample_grid(model, noise, labels, 1.0, None, str(torn))
+    assert not torn.exists()

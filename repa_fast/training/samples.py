@@ -17,9 +17,7 @@ def sample_grid(ema_model, noise: torch.Tensor, labels: torch.Tensor, latents_sc
                 vae, path: str) -> torch.Tensor:
     """EMA samples (50-step ODE, CFG 1.0) from fixed noise and labels, decoded, as one PNG
     (⌈√n⌉ columns, row-major, empty cells black); returns the grid (uint8 [3, H, W])."""
-    from PIL import Image
-
-    from ..generation.output import make_grid
+    from ..generation.output import make_grid, save_png_atomic
     from ..generation.sample_batch import to_uint8
     from ..transport.samplers import euler_sampler
     images = to_uint8(euler_sampler(ema_model, noise, labels, num_steps=50), vae, latents_scale)
@@ -29,7 +27,8 @@ def sample_grid(ema_model, noise: torch.Tensor, labels: torch.Tensor, latents_sc
     empty = np.zeros((rows * cols - n, *images.shape[1:]), dtype=np.uint8)
     grid = make_grid(np.concatenate([images, empty]), rows, cols)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(grid).save(path)
+    # atomic: a grid cut short by a kill must not count as written (write(only_missing=True))
+    save_png_atomic(grid, path)
     return torch.from_numpy(grid).permute(2, 0, 1)
 
 
