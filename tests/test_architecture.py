@@ -22,14 +22,15 @@ ALLOWED: dict[str, set[str]] = {
     "ops": {"kernels"},
     "models": {"ops"},
     "transport": {"ops"},
+    "diffusion": set(),
     "encoders": set(),
     "vae": set(),
     "data": {"vae"},
     "evaluation": set(),
     "distributed": set(),
     "generation": {"models", "transport", "vae", "training.checkpoint_files"},
-    "training": {"kernels", "ops", "models", "transport", "encoders", "vae", "data",
-                 "generation", "distributed"},
+    "training": {"kernels", "ops", "models", "transport", "diffusion", "encoders", "vae",
+                 "data", "generation", "distributed"},
 }
 # The commands sit on top and may import any part.
 COMMANDS = {"train", "generate", "evaluate", "info"}

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from official_reference import official_forward, official_keys
+from random_weights import randomize_
 from repa_fast.models import (
     SiT,
     SiT_models,
@@ -24,14 +25,6 @@ def tiny_sit(**overrides):
                encoder_depth=2, num_classes=10, z_dims=[24, 16], projector_dim=32)
     cfg.update(overrides)
     return SiT(**cfg)
-
-
-def randomize_(model, std=0.05):
-    """Every parameter random (adaLN and the zero-initialised output layer included)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, std)
-    return model
 
 
 def test_registry_has_official_names():

@@ -1,4 +1,5 @@
-"""SiT models with REPA projectors, checkpoint-compatible with the official REPA code."""
+"""SiT and DiT models with REPA projectors, checkpoint-compatible with the official REPA and
+DiT code."""
 from .self_attention import Attention
 from .checkpoint import (
     extract_state_dict,
@@ -7,12 +8,14 @@ from .checkpoint import (
     load_pretrained,
     read_checkpoint,
 )
+from .dit import DiT, DiT_models
 from .embeddings import LabelEmbedder, TimestepEmbedder, sincos_2d_pos_embed
 from .projector import REPAProjector, build_mlp
 from .sit import FinalLayer, SiT, SiT_models, SiTBlock, UnknownModelError, create_model, modulate
 
 __all__ = [
-    "Attention", "FinalLayer", "REPAProjector", "LabelEmbedder", "SiT", "SiTBlock", "SiT_models",
+    "Attention", "DiT", "DiT_models", "FinalLayer", "REPAProjector", "LabelEmbedder", "SiT",
+    "SiTBlock", "SiT_models",
     "TimestepEmbedder", "UnknownModelError", "build_mlp", "create_model", "extract_state_dict",
     "is_legacy_state_dict", "load_legacy_checkpoints", "load_pretrained", "modulate",
     "read_checkpoint", "sincos_2d_pos_embed",

@@ -299,22 +299,29 @@ _CONFIGS = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": 
             "T": (8, 128, 2)}
 
 
-def _make_builder(depth: int, hidden_size: int, num_heads: int, patch_size: int):
-    def build(**kwargs) -> SiT:
-        return SiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size,
-                   num_heads=num_heads, **kwargs)
+def register_sizes(registry: dict, cls: type, family: str, patch_sizes: Sequence[int],
+                   namespace: dict) -> None:
+    """Fill ``registry`` with ``"{family}-{size}/{patch}"`` builders of ``cls`` for every size
+    of :data:`_CONFIGS` (also bound as ``{family}_{size}_{patch}`` in ``namespace``, the
+    module's globals, as the official ``SiT_XL_2``)."""
+    def builder(depth: int, hidden: int, heads: int, patch: int):
+        def build(**kwargs):
+            return cls(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads,
+                       **kwargs)
+        return build
 
-    return build
+    for size, (depth, hidden, heads) in _CONFIGS.items():
+        for patch in patch_sizes:
+            build = builder(depth, hidden, heads, patch)
+            build.__name__ = f"{family}_{size}_{patch}"
+            build.__doc__ = (f"{family}-{size}/{patch}: depth {depth}, hidden {hidden}, "
+                             f"{heads} heads.")
+            registry[f"{family}-{size}/{patch}"] = build
+            namespace[build.__name__] = build
 
 
 SiT_models: dict = _ModelRegistry()
-for _size, (_depth, _hidden, _heads) in _CONFIGS.items():
-    for _patch in (1, 2, 4, 8):
-        _fn = _make_builder(_depth, _hidden, _heads, _patch)
-        _fn.__name__ = f"SiT_{_size}_{_patch}"
-        _fn.__doc__ = f"SiT-{_size}/{_patch}: depth {_depth}, hidden {_hidden}, {_heads} heads."
-        SiT_models[f"SiT-{_size}/{_patch}"] = _fn
-        globals()[_fn.__name__] = _fn
+register_sizes(SiT_models, SiT, "SiT", (1, 2, 4, 8), globals())
 
 
 def create_model(name: str, **kwargs) -> SiT:
