@@ -1,4 +1,4 @@
-"""Sample many images from a SiT checkpoint into an ADM-evaluator ``.npz``, resumably.
+"""Sample many images from a SiT or DiT checkpoint into an ADM-evaluator ``.npz``, resumably.
 
     python -m repa_fast.generate --ckpt CKPT [--vae SD_VAE] ...            one process
     torchrun --nproc_per_node N -m repa_fast.generate --ckpt CKPT ...      N processes
@@ -7,6 +7,8 @@
 
 The official ``generate.py``'s flags and defaults, plus ``--weights``, ``--vae PATH``,
 ``--mixed-precision``, ``--compile``/``--compile-mode``, ``--attn-backend`` and the grid flags.
+DiT checkpoints (facebookresearch/DiT's, or ours) sample as its ``sample_ddp.py``:
+``--model DiT-XL/2 --num-sampling-steps 250 --cfg-scale 1.5`` (``--sampler ddim`` for DDIM).
 Sample ``i`` is drawn from its own random stream (``repa_fast.generation.seeding``), so the
 samples do not depend on the number of processes, and a restarted run regenerates only the
 batches with missing PNGs, writes only those PNGs and ends with the same ``.npz``. Bad inputs
@@ -35,6 +37,8 @@ from .ops.attention import CHOICES as ATTN_BACKENDS
 from .distributed import Distributed
 from .errors import run_cli
 from .generation.errors import UsageError
+from .generation.dit_sampling import (DIT_DEFAULT_STEPS, DIT_SAMPLERS, DiTOutput,
+                                      DiTSamplerConfig, sample_dit_latents)
 from .generation.loading import ModelSpec, load_checkpoint
 from .generation.output import (check_settings, existing_indices, make_grid, png_path,
                                 save_png_atomic, wait_all, write_npz_from_pngs)
@@ -78,10 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "bare state dict")
     g.add_argument("--weights", choices=["ema", "model"], default="ema",
                    help="which weights of a training checkpoint")
-    g.add_argument("--model", help="SiT size and patch size, e.g. SiT-XL/2 (default: from the "
-                   "checkpoint)")
+    g.add_argument("--model", help="SiT or DiT size and patch size, e.g. SiT-XL/2, DiT-XL/2 "
+                   "(default: from the checkpoint)")
     g.add_argument("--num-classes", type=int,
-                   help="number of class labels of the SiT (default: from the checkpoint)")
+                   help="number of class labels of the model (default: from the checkpoint)")
     g.add_argument("--encoder-depth", type=int,
                    help="block after which the projectors read the hidden states (default: "
                    "from the checkpoint)")
@@ -121,9 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-fid-samples", type=int, default=50_000, help="samples in the .npz")
     g.add_argument("--sample-dir", default="samples",
                    help="PNGs go to <sample-dir>/<run name>/, the .npz beside them")
+    g = p.add_argument_group("DiT sampling (facebookresearch/DiT's sample_ddp.py; DiT "
+                             "checkpoints only, which refuse the SiT sampler flags above)")
+    g.add_argument("--num-sampling-steps", type=int, default=None,
+                   help=f"respaced diffusion steps, create_diffusion('N') (default: "
+                   f"{DIT_DEFAULT_STEPS})")
+    g.add_argument("--sampler", choices=DIT_SAMPLERS, default=None,
+                   help="ddpm: ancestral steps (p_sample), as the original; ddim: DDIM with "
+                   "eta 0, create_diffusion('ddimN') (default: ddpm)")
     g = p.add_argument_group("speed")
     g.add_argument("--mixed-precision", choices=list(PRECISIONS), default=None,
-                   help="model call in bf16 autocast or fp32 (default: bf16 on GPU, fp32 on CPU)")
+                   help="model call in bf16 autocast or fp32 (default: bf16 on GPU, fp32 on CPU "
+                   "and for DiT, as its original)")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls for fp32 work on GPU, as official")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -154,6 +167,8 @@ def check_args(args: argparse.Namespace) -> None:
     need(args.per_proc_batch_size >= 1, "--per-proc-batch-size", ">= 1",
          args.per_proc_batch_size)
     need(args.num_steps >= 1, "--num-steps", ">= 1", args.num_steps)
+    need(args.num_sampling_steps is None or args.num_sampling_steps >= 1,
+         "--num-sampling-steps", ">= 1", args.num_sampling_steps)
     need(args.cfg_scale >= 1.0, "--cfg-scale", ">= 1.0 (1.0: no guidance), as official",
          args.cfg_scale)
     for flag, value in (("--guidance-low", args.guidance_low),
@@ -173,6 +188,31 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--seeds must be >= 0; got {args.seeds}")
     if not os.path.isfile(args.ckpt):
         raise UsageError(f"--ckpt: checkpoint file not found: {args.ckpt!r}")
+
+
+# the SiT sampler's flags (dest, flag): a DiT checkpoint refuses them when changed
+SIT_SAMPLER_FLAGS = (("mode", "--mode"), ("num_steps", "--num-steps"), ("heun", "--heun"),
+                     ("guidance_low", "--guidance-low"), ("guidance_high", "--guidance-high"),
+                     ("path_type", "--path-type"))
+DIT_SAMPLER_FLAGS = (("num_sampling_steps", "--num-sampling-steps"), ("sampler", "--sampler"))
+
+
+def check_sampler_flags(args: argparse.Namespace, spec: ModelSpec) -> None:
+    """UsageError for sampler flags of the other model family (known once the checkpoint is)."""
+    if spec.is_dit:
+        defaults = build_parser()
+        given = [flag for dest, flag in SIT_SAMPLER_FLAGS
+                 if getattr(args, dest) != defaults.get_default(dest)]
+        if given:
+            raise UsageError(f"{', '.join(given)}: SiT sampler flags, but {args.ckpt} holds a "
+                             f"DiT ({spec.model}), which samples its Gaussian diffusion: use "
+                             f"--num-sampling-steps N and --sampler ddpm|ddim")
+    else:
+        given = [flag for dest, flag in DIT_SAMPLER_FLAGS if getattr(args, dest) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: DiT sampler flags, but {args.ckpt} holds a "
+                             f"SiT ({spec.model}): use --mode, --num-steps, --heun, "
+                             f"--guidance-low/high")
 
 
 def model_flags(args: argparse.Namespace) -> dict:
@@ -204,8 +244,8 @@ def load_decoder(spec: ModelSpec, vae_path: Optional[str], device: torch.device)
         raise UsageError(f"--vae {vae_path}: {error}") from error
     channels = int(vae.config.latent_channels)
     if channels != spec.in_channels:
-        raise UsageError(f"--vae {vae_path}: its latents have {channels} channels, the SiT reads "
-                         f"{spec.in_channels}")
+        raise UsageError(f"--vae {vae_path}: its latents have {channels} channels, the "
+                         f"{'DiT' if spec.is_dit else 'SiT'} reads {spec.in_channels}")
     return vae, float(getattr(vae.config, "scaling_factor", None) or SD_SCALE)
 
 
@@ -225,6 +265,8 @@ def run_name(args: argparse.Namespace, spec: ModelSpec) -> str:
     ckpt = os.path.basename(args.ckpt)
     ckpt = ckpt[:-len(".pt")] if ckpt.endswith(".pt") else ckpt
     vae = "pixel" if spec.pixel_space else vae_label(args.vae)
+    if spec.is_dit:
+        return dit_run_name(args, spec, ckpt, vae)
     name = (f"{spec.model.replace('/', '-')}-{ckpt}-size-{spec.resolution}-vae-{vae}-"
             f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.mode}")
     if args.num_steps != 50:
@@ -238,8 +280,23 @@ def run_name(args: argparse.Namespace, spec: ModelSpec) -> str:
     return name
 
 
-def run_settings(args: argparse.Namespace, spec: ModelSpec, sampler: SamplerConfig,
-                 precision: str) -> dict:
+def dit_run_name(args: argparse.Namespace, spec: ModelSpec, ckpt: str, vae: str) -> str:
+    """DiT's ``sample_ddp.py`` folder name, ``{model}-{ckpt}-size-{image size}-vae-{vae}-cfg-
+    {cfg}-seed-{seed}``, followed by what it leaves out where it differs from its defaults:
+    ``-steps-N`` (default 250), ``-ddim`` and ``-model`` (``--weights model``)."""
+    name = (f"{spec.model.replace('/', '-')}-{ckpt}-size-{spec.resolution}-vae-{vae}-"
+            f"cfg-{args.cfg_scale}-seed-{args.global_seed}")
+    steps = args.num_sampling_steps or DIT_DEFAULT_STEPS
+    if steps != DIT_DEFAULT_STEPS:
+        name += f"-steps-{steps}"
+    if args.sampler == "ddim":
+        name += "-ddim"
+    if args.weights != "ema":
+        name += f"-{args.weights}"
+    return name
+
+
+def run_settings(args: argparse.Namespace, spec: ModelSpec, sampler, precision: str) -> dict:
     """Everything that changes the samples (beyond rounding): a resumed run must match it.
     Batch size, process count, compilation and attention backend only change rounding."""
     return dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, spec=spec.to_dict(),
@@ -264,17 +321,16 @@ def pending_batches(folder: str, num: int, batch: int) -> list:
     return plan
 
 
-def sample_images(velocity: Velocity, sampler: SamplerConfig, vae, latents_scale: float,
-                  device: torch.device, latents: torch.Tensor, labels: torch.Tensor,
-                  generators: list):
-    """One batch of uint8 images [B, H, W, 3] from its initial draws."""
-    samples = sample_latents(velocity, latents.to(device), labels.to(device), generators,
-                             sampler)
+def sample_images(draw, vae, latents_scale: float, device: torch.device, latents: torch.Tensor,
+                  labels: torch.Tensor, generators: list):
+    """One batch of uint8 images [B, H, W, 3] from its initial draws; ``draw(latents, labels,
+    generators)`` is the model's sampler (:func:`make_draw`)."""
+    samples = draw(latents.to(device), labels.to(device), generators)
     return to_uint8(samples, vae, latents_scale)
 
 
-def generate_samples(args, procs: Distributed, velocity: Velocity, spec: ModelSpec,
-                     sampler: SamplerConfig, vae, latents_scale: float, settings: dict) -> str:
+def generate_samples(args, procs: Distributed, draw, spec: ModelSpec, description: str, vae,
+                     latents_scale: float, settings: dict) -> str:
     """Write the missing PNGs of this rank's batches, then (rank 0) the ``.npz``; returns its
     path."""
     folder = os.path.join(args.sample_dir, run_name(args, spec))
@@ -289,7 +345,7 @@ def generate_samples(args, procs: Distributed, velocity: Velocity, spec: ModelSp
     todo = sum(len(missing) for _, missing in plan)
     if procs.main:
         print(f"repa_fast.generate: {spec.model} {'pixel space' if spec.pixel_space else 'latents'}"
-              f" {spec.resolution}px, {args.mode} {args.num_steps} steps, cfg {args.cfg_scale}; "
+              f" {spec.resolution}px, {description}, cfg {args.cfg_scale}; "
               f"{num - todo} of {num} samples exist, {todo} to make on {procs.world_size} "
               f"process(es); PNGs in {folder}", flush=True)
     from tqdm import tqdm
@@ -303,8 +359,8 @@ def generate_samples(args, procs: Distributed, velocity: Velocity, spec: ModelSp
             latents, labels, generators = initial_draws(range(b * batch, (b + 1) * batch),
                                                         args.global_seed, spec.num_classes,
                                                         shape)
-            images = sample_images(velocity, sampler, vae, latents_scale, procs.device,
-                                   latents, labels, generators)
+            images = sample_images(draw, vae, latents_scale, procs.device, latents, labels,
+                                   generators)
             kept = [(i, images[i - b * batch]) for i in missing]
             in_flight.append([writers.submit(save_png_atomic, image, png_path(folder, i))
                               for i, image in kept])
@@ -326,8 +382,8 @@ def generate_samples(args, procs: Distributed, velocity: Velocity, spec: ModelSp
     return npz
 
 
-def generate_grid(args, velocity: Velocity, spec: ModelSpec, sampler: SamplerConfig, vae,
-                  latents_scale: float, device: torch.device) -> str:
+def generate_grid(args, draw, spec: ModelSpec, vae, latents_scale: float,
+                  device: torch.device) -> str:
     """One PNG: row r is class ``--class-labels[r]``, column c the noise of sample 0 of a
     ``--global-seed --seeds[c]`` run (the same noise down a column)."""
     labels = args.class_labels if args.class_labels is not None else \
@@ -347,8 +403,8 @@ def generate_grid(args, velocity: Velocity, spec: ModelSpec, sampler: SamplerCon
         generators = [torch.Generator().set_state(col[2][0].get_state()) for _, col in chunk]
         cell_labels = torch.tensor([label for label, _ in chunk])
         latents = torch.cat([col[0] for _, col in chunk])
-        images.append(sample_images(velocity, sampler, vae, latents_scale, device, latents,
-                                    cell_labels, generators))
+        images.append(sample_images(draw, vae, latents_scale, device, latents, cell_labels,
+                                    generators))
     grid = make_grid(np.concatenate(images), len(labels), len(seeds))
     out = args.out or os.path.join(args.sample_dir, run_name(args, spec) + "-grid.png")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -358,16 +414,47 @@ def generate_grid(args, velocity: Velocity, spec: ModelSpec, sampler: SamplerCon
     return out
 
 
+def make_draw(args: argparse.Namespace, spec: ModelSpec, model: torch.nn.Module,
+              precision: str, device: torch.device):
+    """``(draw, sampler config, description)``: the sampler of the checkpoint's family —
+    ``draw(latents, labels, generators)`` gives one batch's samples."""
+    compile_ = device.type == "cuda" if args.compile is None else args.compile
+    if spec.is_dit:
+        sampler = DiTSamplerConfig(sampler=args.sampler or "ddpm",
+                                   num_sampling_steps=args.num_sampling_steps or DIT_DEFAULT_STEPS,
+                                   cfg_scale=args.cfg_scale, learn_sigma=spec.learn_sigma)
+        diffusion = sampler.diffusion()
+        call = DiTOutput(model.to(device), cfg_scale=args.cfg_scale,
+                         autocast_dtype=PRECISIONS[precision], compile=compile_,
+                         compile_mode=args.compile_mode)
+
+        def draw(latents, labels, generators):
+            return sample_dit_latents(call, diffusion, latents, labels, generators, sampler)
+        return draw, sampler, f"{sampler.sampler} {sampler.num_sampling_steps} steps"
+    sampler = SamplerConfig(mode=args.mode, num_steps=args.num_steps, heun=args.heun,
+                            cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
+                            guidance_high=args.guidance_high, path_type=spec.path_type)
+    velocity = Velocity(model.to(device), autocast_dtype=PRECISIONS[precision],
+                        compile=compile_, compile_mode=args.compile_mode)
+
+    def draw(latents, labels, generators):
+        return sample_latents(velocity, latents, labels, generators, sampler)
+    return draw, sampler, f"{args.mode} {args.num_steps} steps"
+
+
 def run(args: argparse.Namespace, procs: Distributed) -> str:
     """Load, check and sample; returns the path written (``.npz`` or grid PNG)."""
     if args.grid and procs.world_size > 1:
         raise UsageError(f"--grid runs in one process; got WORLD_SIZE={procs.world_size}")
     device = procs.device
-    precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
     model, spec, saved_args = load_checkpoint(args.ckpt, args.weights, model_flags(args))
+    check_sampler_flags(args, spec)
+    # DiT's sample_ddp.py runs in fp32 (TF32 matmuls): its default here too
+    precision = args.mixed_precision or ("bf16" if device.type == "cuda" and not spec.is_dit
+                                         else "fp32")
     recorded_vae = saved_args.get("vae") if isinstance(saved_args, dict) else None
     if not args.vae and not spec.pixel_space and isinstance(recorded_vae, str) and \
             recorded_vae and os.path.exists(recorded_vae):
@@ -380,19 +467,14 @@ def run(args: argparse.Namespace, procs: Distributed) -> str:
                          f"checkpoint's label table has none (trained with cfg_prob 0): use "
                          f"--cfg-scale 1.0")
     vae, latents_scale = load_decoder(spec, args.vae, device)
-    sampler = SamplerConfig(mode=args.mode, num_steps=args.num_steps, heun=args.heun,
-                            cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
-                            guidance_high=args.guidance_high, path_type=spec.path_type)
-    velocity = Velocity(model.to(device), autocast_dtype=PRECISIONS[precision],
-                        compile=device.type == "cuda" if args.compile is None else args.compile,
-                        compile_mode=args.compile_mode)
+    draw, sampler, description = make_draw(args, spec, model, precision, device)
     # Samples draw only from their own streams; seeding the global RNG as well keeps anything
     # else that might draw from it (nothing does today) reproducible.
     torch.manual_seed(args.global_seed)
     if args.grid:
-        return generate_grid(args, velocity, spec, sampler, vae, latents_scale, device)
+        return generate_grid(args, draw, spec, vae, latents_scale, device)
     settings = run_settings(args, spec, sampler, precision)
-    return generate_samples(args, procs, velocity, spec, sampler, vae, latents_scale, settings)
+    return generate_samples(args, procs, draw, spec, description, vae, latents_scale, settings)
 
 
 def main(argv=None) -> int:

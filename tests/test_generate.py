@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from generate_cli import generate, run_folder
 from repa_fast.generate import main
 from repa_fast.generation import (PerSampleNoise, SamplerConfig, UsageError, Velocity,
                                   index_seed, initial_draws, load_checkpoint, sample_latents,
@@ -68,18 +69,6 @@ def ckpts(tmp_path_factory):
     torch.save(dict(ema=tiny_sit(cfg_prob=0.0).state_dict(), args=dict(ARGS, cfg_prob=0.0)),
                paths["nonull"])
     return {k: str(v) for k, v in paths.items()}
-
-
-def generate(ckpt, sample_dir, *flags):
-    """Run the CLI in this process; returns (exit code, the .npz array or None)."""
-    rc = main(["--ckpt", ckpt, "--sample-dir", str(sample_dir), *flags])
-    npz = [f for f in os.listdir(sample_dir) if f.endswith(".npz")] if rc == 0 else []
-    return rc, (np.load(os.path.join(sample_dir, npz[0]))["arr_0"] if npz else None)
-
-
-def run_folder(sample_dir):
-    (name,) = [d for d in os.listdir(sample_dir) if os.path.isdir(os.path.join(sample_dir, d))]
-    return os.path.join(sample_dir, name)
 
 
 # ----------------------------------------------------------------------------- seeding

@@ -48,10 +48,13 @@ def test_demo_trains_logs_checkpoints_and_samples(tmp_path):
     assert events.Tags()["images"] == ["samples/ema"]
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    assert main(demo_args(tmp_path / "a")) == 0
-    assert main(demo_args(tmp_path / "b", "--max-train-steps", "3")) == 0
-    assert main(demo_args(tmp_path / "b", "--resume", "auto")) == 0
+@pytest.mark.parametrize("model", [pytest.param([], id="SiT"),
+                                   pytest.param(["--model", "DiT-T/4", "--report-to", "none"],
+                                                id="DiT")])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, model):
+    assert main(demo_args(tmp_path / "a", *model)) == 0
+    assert main(demo_args(tmp_path / "b", "--max-train-steps", "3", *model)) == 0
+    assert main(demo_args(tmp_path / "b", "--resume", "auto", *model)) == 0
     a, b = records(tmp_path / "a"), records(tmp_path / "b")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b):

@@ -1,4 +1,5 @@
-"""Load a SiT for sampling from an official REPA checkpoint, one of ours, or a bare state dict.
+"""Load a SiT or DiT for sampling from an official REPA or DiT checkpoint, one of ours, or a
+bare state dict.
 
 Where each setting comes from, first match wins:
 
@@ -7,7 +8,9 @@ Where each setting comes from, first match wins:
    :class:`repa_fast.training.config.TrainConfig` fields in ours);
 3. the weights themselves: patch size, width and depth (hence the model name), input channels
    and size, the projectors' ``z_dims`` and width, ``qk_norm``, and whether the label table has
-   the CFG null row;
+   the CFG null row; a final layer with twice the input channels (ε and the variance) is a
+   DiT with ``learn_sigma`` (the original ``DiT-XL-2-256x256.pt``), anything else a SiT unless
+   the name (flag or args) says DiT;
 4. the official default (``num_classes`` 1000, ``encoder_depth`` 8, ``fused_attn``), where it fits.
 
 Whatever is given is checked against the weights, with errors that name the flag. A checkpoint
@@ -25,7 +28,8 @@ from typing import Mapping, Optional
 
 import torch
 
-from ..models import SiT_models, extract_state_dict, is_legacy_state_dict, read_checkpoint
+from ..models import (DiT_models, SiT_models, extract_state_dict, is_legacy_state_dict,
+                      read_checkpoint)
 from ..models.checkpoint import strip_wrapper_prefixes
 from .errors import UsageError
 
@@ -45,11 +49,17 @@ class Weights:
     projector_dim: Optional[int]
     qk_norm: bool
     label_rows: int
+    out_channels: int
+
+    @property
+    def learn_sigma(self) -> bool:
+        """Whether the output holds a variance as well: DiT's ``learn_sigma``."""
+        return self.out_channels == 2 * self.in_channels
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A resolved SiT configuration for sampling."""
+    """A resolved SiT or DiT configuration for sampling (``learn_sigma`` None: a SiT)."""
 
     model: str
     num_classes: int
@@ -62,14 +72,22 @@ class ModelSpec:
     input_size: int
     in_channels: int
     has_null_class: bool
-    path_type: str
+    path_type: Optional[str]
+    learn_sigma: Optional[bool] = None
 
     @property
     def pixel_space(self) -> bool:
         return self.input_size == self.resolution
 
+    @property
+    def is_dit(self) -> bool:
+        return self.learn_sigma is not None
+
     def to_dict(self) -> dict:
-        return dict(asdict(self), z_dims=list(self.z_dims), pixel_space=self.pixel_space)
+        record = dict(asdict(self), z_dims=list(self.z_dims), pixel_space=self.pixel_space)
+        if not self.is_dit:  # a SiT's record stays as before DiT existed (resumed runs match)
+            del record["learn_sigma"]
+        return record
 
 
 def checkpoint_args(checkpoint: Mapping) -> dict:
@@ -81,11 +99,12 @@ def checkpoint_args(checkpoint: Mapping) -> dict:
 
 
 def inspect_weights(state_dict: Mapping[str, torch.Tensor]) -> Weights:
-    """Read the architecture off a SiT state dict."""
-    for key in ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight"):
+    """Read the architecture off a SiT or DiT state dict."""
+    for key in ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
+                "final_layer.linear.weight"):
         if key not in state_dict:
-            raise UsageError(f"--ckpt: not a SiT checkpoint (no {key!r} in the weights; found "
-                             f"{sorted(state_dict)[:5]}...)")
+            raise UsageError(f"--ckpt: not a SiT or DiT checkpoint (no {key!r} in the weights; "
+                             f"found {sorted(state_dict)[:5]}...)")
     hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
     grid = math.isqrt(state_dict["pos_embed"].shape[1])
     blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")}
@@ -96,14 +115,21 @@ def inspect_weights(state_dict: Mapping[str, torch.Tensor]) -> Weights:
                    hidden_size=int(hidden), depth=max(blocks) + 1 if blocks else 0,
                    z_dims=z_dims, projector_dim=projector_dim,
                    qk_norm="blocks.0.attn.q_norm.weight" in state_dict,
-                   label_rows=int(state_dict["y_embedder.embedding_table.weight"].shape[0]))
+                   label_rows=int(state_dict["y_embedder.embedding_table.weight"].shape[0]),
+                   out_channels=int(state_dict["final_layer.linear.weight"].shape[0])
+                   // int(patch) ** 2)
+
+
+def _registry(name: str) -> dict:
+    """The model table a name belongs to: DiT_models for ``DiT-*``, else SiT_models."""
+    return DiT_models if name in DiT_models else SiT_models
 
 
 @functools.lru_cache(maxsize=None)
 def _architecture(name: str) -> tuple:
     """(depth, hidden_size, patch_size) of a model name, from a parameter-free build."""
     with torch.device("meta"):
-        model = SiT_models[name](input_size=8, z_dims=[], num_classes=1, encoder_depth=1)
+        model = _registry(name)[name](input_size=8, z_dims=[], num_classes=1, encoder_depth=1)
     return len(model.blocks), model.hidden_size, model.patch_size
 
 
@@ -121,11 +147,25 @@ def _pick(flag, saved, fallback=None):
 def _resolve_model(flag: Optional[str], saved: Optional[str], weights: Weights) -> str:
     name = _pick(flag, saved)
     source = "--model" if flag is not None else "the checkpoint's args.model"
-    if name is not None and name not in SiT_models:
-        raise UsageError(f"{source} must be one of {', '.join(SiT_models)}; got {name!r}")
+    if name is not None and name not in SiT_models and name not in DiT_models:
+        raise UsageError(f"{source} must be one of {', '.join(SiT_models)}, "
+                         f"{', '.join(DiT_models)}; got {name!r}")
+    if name is not None and name in DiT_models and \
+            weights.out_channels not in (weights.in_channels, 2 * weights.in_channels):
+        raise UsageError(f"{source} {name} does not match the checkpoint's final layer "
+                         f"({weights.out_channels} output channels for {weights.in_channels} "
+                         f"input channels; a DiT has as many, or twice as many with learn_sigma)")
+    if name is not None and name in SiT_models and weights.learn_sigma:
+        dit = name.replace("SiT-", "DiT-")
+        raise UsageError(f"{source} {name} does not match the checkpoint's final layer: "
+                         f"{weights.out_channels} output channels for {weights.in_channels} input "
+                         f"channels is a DiT with learn_sigma (e.g. --model {dit})")
     if name is not None and _fits(name, weights):
         return name
-    matches = [candidate for candidate in SiT_models if _fits(candidate, weights)]
+    # without a name, a variance output says DiT; the architectures are otherwise the same
+    table = _registry(name) if name is not None else \
+        (DiT_models if weights.learn_sigma else SiT_models)
+    matches = [candidate for candidate in table if _fits(candidate, weights)]
     found = (f"depth {weights.depth}, hidden size {weights.hidden_size}, patch size "
              f"{weights.patch_size}" + (f": {', '.join(matches)}" if matches else ""))
     if name is not None:
@@ -186,15 +226,22 @@ def resolve_spec(flags: Mapping, args: Mapping, weights: Weights) -> ModelSpec:
     if qk_norm is not None and qk_norm != weights.qk_norm:
         raise UsageError(f"--{'' if qk_norm else 'no-'}qk-norm does not match the checkpoint, "
                          f"whose attention {'has' if weights.qk_norm else 'has no'} q/k norms")
-    resolution = _resolve_resolution(flags.get("resolution"), args.get("resolution"), weights)
+    # DiT's train.py records the resolution as args.image_size
+    saved_resolution = args.get("resolution", args.get("image_size"))
+    resolution = _resolve_resolution(flags.get("resolution"), saved_resolution, weights)
     pixel_space = resolution == weights.input_size
     if weights.in_channels != (3 if pixel_space else 4):
         space = "a pixel-space model must read 3 (RGB)" if pixel_space else \
             "an SD-VAE latent model must read 4"
         raise UsageError(f"--resolution {resolution}: {space} channels; this checkpoint reads "
                          f"{weights.in_channels}")
-    path_type = _pick(flags.get("path_type"), args.get("path_type"), "linear")
-    if path_type not in ("linear", "cosine"):
+    if model in DiT_models:
+        # DiT samples its discrete diffusion: no path; learn_sigma is the output's width
+        path_type, learn_sigma = None, weights.learn_sigma
+    else:
+        path_type, learn_sigma = _pick(flags.get("path_type"), args.get("path_type"),
+                                       "linear"), None
+    if path_type not in ("linear", "cosine") and learn_sigma is None:
         raise UsageError(f"--path-type must be linear or cosine; the checkpoint's args say "
                          f"{path_type!r}")
     return ModelSpec(
@@ -204,25 +251,28 @@ def resolve_spec(flags: Mapping, args: Mapping, weights: Weights) -> ModelSpec:
         fused_attn=bool(_pick(flags.get("fused_attn"), args.get("fused_attn"), True)),
         resolution=int(resolution), input_size=weights.input_size,
         in_channels=weights.in_channels, has_null_class=weights.label_rows == num_classes + 1,
-        path_type=path_type)
+        path_type=path_type, learn_sigma=learn_sigma)
 
 
 def build_model(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor],
                 attn_backend: Optional[str] = None) -> torch.nn.Module:
-    """The SiT of ``spec`` holding ``state_dict`` (fp32, eval mode, no grad, on the CPU).
+    """The SiT or DiT of ``spec`` holding ``state_dict`` (fp32, eval mode, no grad, on the CPU).
 
     Built on the meta device and filled with ``assign=True``: no time is spent initialising
     weights that are overwritten, and no second copy of them is made.
     """
+    # labels are checked once per run; the per-call range check would sync the GPU
+    common = dict(input_size=spec.input_size, in_channels=spec.in_channels,
+                  num_classes=spec.num_classes,
+                  class_dropout_prob=0.1 if spec.has_null_class else 0.0,
+                  z_dims=list(spec.z_dims), encoder_depth=spec.encoder_depth,
+                  projector_dim=spec.projector_dim, qk_norm=spec.qk_norm,
+                  fused_attn=spec.fused_attn, attn_backend=attn_backend, validate_inputs=False)
     with torch.device("meta"):
-        model = SiT_models[spec.model](
-            input_size=spec.input_size, in_channels=spec.in_channels,
-            num_classes=spec.num_classes, use_cfg=spec.has_null_class,
-            class_dropout_prob=0.1 if spec.has_null_class else 0.0, z_dims=list(spec.z_dims),
-            encoder_depth=spec.encoder_depth, projector_dim=spec.projector_dim,
-            qk_norm=spec.qk_norm, fused_attn=spec.fused_attn, attn_backend=attn_backend,
-            # labels are checked once per run; the per-call range check would sync the GPU
-            validate_inputs=False)
+        if spec.is_dit:
+            model = DiT_models[spec.model](learn_sigma=spec.learn_sigma, **common)
+        else:
+            model = SiT_models[spec.model](use_cfg=spec.has_null_class, **common)
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as error:

@@ -43,16 +43,13 @@ class SamplerConfig:
         return asdict(self)
 
 
-class Velocity(torch.nn.Module):
-    """``velocity(x, t, y=y) -> (v,)``: the model call the samplers make.
-
-    ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the SiT under autocast; None runs it in
-    the inputs' dtype. ``compile`` wraps the call in ``torch.compile(mode=compile_mode,
-    dynamic=False)``: every batch has the same size (the last one is padded), so exactly two
-    graphs are built, for the guided (2B) and unguided (B) batch. The CUDA-graph modes
-    (``reduce-overhead``, ``max-autotune``) also replay the whole forward as one graph launch;
-    the output buffer is reused by the next replay, which is safe because the sampler converts
-    the output to float64 (a copy) right away.
+class ModelCall(torch.nn.Module):
+    """A sampler's call of the model: ``_output(x, t, y)`` (a subclass's) run under autocast in
+    ``autocast_dtype`` when given (None: the inputs' dtype), and wrapped in
+    ``torch.compile(mode=compile_mode, dynamic=False)`` when ``compile``: every batch has the
+    same size (the last one is padded), so one graph per batch shape (guided 2B, unguided B).
+    The CUDA-graph modes (``reduce-overhead``, ``max-autotune``) replay the whole forward as one
+    launch; each call then starts a new step, so the previous replay's outputs are dead.
     """
 
     def __init__(self, model: torch.nn.Module, *, autocast_dtype: Optional[torch.dtype] = None,
@@ -61,21 +58,37 @@ class Velocity(torch.nn.Module):
         self.model = model
         self.num_classes = model.num_classes  # the samplers' CFG null label
         self.autocast_dtype = autocast_dtype
-        self._call = torch.compile(self._velocity, mode=compile_mode, dynamic=False) \
-            if compile else self._velocity
+        self._call = torch.compile(self._autocast_output, mode=compile_mode, dynamic=False) \
+            if compile else self._autocast_output
         self._cudagraphs = compile and compile_mode in CUDAGRAPH_MODES
 
-    def _velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _output(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} must define _output")  # abstract
+
+    def _autocast_output(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+                         ) -> torch.Tensor:
         autocast = (torch.autocast(x.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None else contextlib.nullcontext())
         with autocast:
-            return self.model.forward_with_hidden(x, t, y)[0]
+            return self._output(x, t, y)
+
+    def call(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The (compiled) output; under CUDA graphs a fresh step, its buffer reused later."""
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._call(x, t, y)
+
+
+class Velocity(ModelCall):
+    """``velocity(x, t, y=y) -> (v,)``: the model call the ODE/SDE samplers make (projectors
+    skipped). Under CUDA graphs the output buffer is reused by the next replay, which is safe
+    because the sampler converts the output to float64 (a copy) right away."""
+
+    def _output(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_with_hidden(x, t, y)[0]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
-        if self._cudagraphs:
-            # each call starts a new step: the previous replay's outputs are dead
-            torch.compiler.cudagraph_mark_step_begin()
-        return (self._call(x, t, y),)
+        return (self.call(x, t, y),)
 
 
 def sample_latents(velocity: Velocity, latents: torch.Tensor, labels: torch.Tensor,

@@ -7,6 +7,7 @@ mode, the noise of every Euler-Maruyama step — comes from one CPU generator se
     label  = randint(num_classes)                  one draw
     z      = randn(C, H, W)          float32       the initial latents (or pixels)
     dW_k   = randn(C, H, W)          float64       SDE step k = 0 .. num_steps - 2
+    n_k    = randn(C, H, W)          float32       a DiT's DDPM step k = 0 .. N - 1 (.dit_sampling)
 
 So a sample does not depend on which process made it, on the number of processes, on the other
 samples in its batch (up to floating-point rounding of batched kernels), or on whether the run

@@ -14,7 +14,7 @@ import torch
 from ..distributed import Distributed
 from ..errors import UsageError
 from .checkpoint_files import set_aside_after
-from .config import TrainConfig, save_config
+from .config import TrainConfig, is_dit, save_config
 from .data import RunData, prepare_data
 from .ema import EMA
 from .encoders import build_encoders, check_encoder_resolution, encoder_weight_files
@@ -57,10 +57,16 @@ def check_deepspeed(config: TrainConfig) -> None:
 
 
 def build_model(config: TrainConfig, in_channels: int, input_size: int, z_dims: list):
-    from ..models import SiT_models
-    return SiT_models[config.model](
+    """The ``--model`` SiT, or DiT (``in_channels`` from the data; DiT's learned σ doubles its
+    output channels)."""
+    from ..models import DiT_models, SiT_models
+    if is_dit(config):  # DiT has a null class whenever class_dropout_prob > 0
+        build, family = DiT_models[config.model], {}
+    else:
+        build, family = SiT_models[config.model], dict(use_cfg=config.cfg_prob > 0)
+    return build(
         input_size=input_size, in_channels=in_channels, num_classes=config.num_classes,
-        use_cfg=config.cfg_prob > 0, class_dropout_prob=config.cfg_prob, z_dims=z_dims,
+        class_dropout_prob=config.cfg_prob, z_dims=z_dims, **family,
         encoder_depth=config.encoder_depth, projector_dim=config.projector_dim,
         qk_norm=config.qk_norm, fused_attn=config.fused_attn, attn_backend=config.attn_backend,
         grad_checkpointing=config.grad_checkpointing,

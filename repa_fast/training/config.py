@@ -27,9 +27,13 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 # help groups, in --help and README order: key -> title
 GROUPS = {"run": "run", "model": "model", "repa": "REPA", "optim": "optimisation",
           "data": "data", "deepspeed": "DeepSpeed", "log": "checkpoints and logging"}
-# the official spellings of flags we spell with dashes, and the DeepSpeed launcher's own
-ALIASES = {"output_dir": ["--output_dir"], "exp_name": ["--exp_name"],
-           "ds_config": ["--ds_config"]}
+# the official spellings of flags we spell with dashes, the DeepSpeed launcher's own, and
+# facebookresearch/DiT's train.py names where ours differ (its --vae, a name rather than a
+# path, and --epochs have no alias: this loop counts steps)
+ALIASES = {"output_dir": ["--output_dir", "--results-dir"], "exp_name": ["--exp_name"],
+           "ds_config": ["--ds_config"], "seed": ["--global-seed"],
+           "data_dir": ["--data-path"], "resolution": ["--image-size"],
+           "batch_size": ["--global-batch-size"], "checkpointing_steps": ["--ckpt-every"]}
 
 README_BEGIN = "<!-- train-flags:begin -->"
 README_END = "<!-- train-flags:end -->"
@@ -38,9 +42,14 @@ REGENERATE = "python -m repa_fast.training.config --update-readme"
 
 # Choices come from the modules that enforce them, read on first use: importing the models
 # takes seconds, and config.py is imported by code that needs none of them.
-def _sit_models():
-    from ..models import SiT_models
-    return tuple(SiT_models)
+def _models():
+    from ..models import DiT_models, SiT_models
+    return tuple(SiT_models) + tuple(DiT_models)
+
+
+def is_dit(config) -> bool:
+    """Whether ``--model`` names a DiT (trained on DiT's Gaussian diffusion, not a SiT path)."""
+    return config.model.startswith("DiT-")
 
 
 def _encoders():
@@ -121,8 +130,10 @@ class TrainConfig:
     overwrite: bool = _run(False, "start over in a run folder that holds a run: deletes its "
                            "checkpoints, log, samples and dashboards")
     # model
-    model: str = _model("SiT-XL/2", "SiT size and patch size", choices=_sit_models,
-                        official=True, metavar="NAME")
+    model: str = _model("SiT-XL/2", "size and patch size; a DiT-* name trains DiT on its "
+                        "Gaussian diffusion instead (1000 steps, linear betas, learned sigma, "
+                        "hybrid loss + proj-coeff · proj_loss; sample grids: 50 DDPM steps)",
+                        choices=_models, official=True, metavar="NAME")
     num_classes: int = _model(1000, "number of class labels; the data set's labels must be "
                               "below it", official=True)
     encoder_depth: int = _model(8, "align the hidden states after this many blocks with the "
@@ -144,13 +155,15 @@ class TrainConfig:
     enc_type: str = _repa("dinov2-vit-b", "frozen vision encoder whose features the projector "
                           "aligns to; several: comma-separated", choices=_encoders,
                           official=True, metavar="NAME[,NAME]")
-    proj_coeff: float = _repa(0.5, "weight of the alignment loss: loss = velocity MSE + "
-                              "proj-coeff · proj_loss", official=True)
-    path_type: str = _repa("linear", "interpolant between data and noise",
-                           choices=_path_types, official=True, metavar="NAME")
+    proj_coeff: float = _repa(0.5, "weight of the alignment loss: loss = velocity MSE (DiT: "
+                              "its diffusion loss) + proj-coeff · proj_loss", official=True)
+    path_type: str = _repa("linear", "interpolant between data and noise (SiT only: a DiT run "
+                           "refuses any other value)", choices=_path_types, official=True,
+                           metavar="NAME")
     prediction: str = _repa("v", "model target: the velocity (the only one REPA trains)",
                             choices=("v",), official=True, metavar="NAME")
-    weighting: str = _repa("uniform", "distribution of the training times",
+    weighting: str = _repa("uniform", "distribution of the training times (SiT only: a DiT "
+                           "run draws its timesteps uniformly and refuses any other value)",
                            choices=_weightings, official=True, metavar="NAME")
     cfg_prob: float = _repa(0.1, "probability of dropping the class label (trains the "
                             "unconditional model for classifier-free guidance); in [0, 1)",
@@ -265,6 +278,13 @@ class TrainConfig:
         if self.overwrite and self.resume is not None:
             raise ValueError(f"--overwrite deletes the run that --resume {self.resume} would "
                              f"continue; give one of them")
+        if is_dit(self):
+            for name in ("path_type", "weighting"):
+                default = next(f.default for f in fields(self) if f.name == name)
+                if getattr(self, name) != default:
+                    raise ValueError(f"{_flag(name)} {getattr(self, name)}: SiT only; --model "
+                                     f"{self.model} trains on DiT's Gaussian diffusion (1000 "
+                                     f"steps, uniform timesteps): leave out {_flag(name)}")
         if not 0 <= self.cfg_prob < 1:
             raise ValueError(f"--cfg-prob must be in [0, 1); got {self.cfg_prob}")
         self.resolve()

@@ -1,26 +1,47 @@
 """EMA sample grids written during training: 16 samples of fixed noise and labels (drawn once
 from ``--seed``, so every grid of a run, resumed or not, shows the same samples), 50 Euler ODE
-steps without guidance, decoded and tiled as ``samples/NNNNNNN.png`` by rank 0."""
+steps without guidance (DiT: 50 DDPM steps of the respaced diffusion, through ``DiT.predict``,
+their noise from a generator seeded with ``--seed``), decoded and tiled as
+``samples/NNNNNNN.png`` by rank 0."""
 from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import numpy as np
 import torch
 
 GRID_SAMPLES = 16
+GRID_STEPS = 50
+
+
+@torch.no_grad()
+def ddpm_samples(ema_model, noise: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """DiT samples from ``noise`` by DDPM over ``GRID_STEPS`` respaced steps of DiT's training
+    diffusion, no guidance, unclipped x̂_0 as DiT's ``sample.py``; the per-step noise comes from
+    a generator of its own (the training's random state is not touched)."""
+    from ..diffusion import create_diffusion
+    from .dit_loss import DIFFUSION_STEPS
+    diffusion = create_diffusion(str(GRID_STEPS), diffusion_steps=DIFFUSION_STEPS)
+    gen = torch.Generator(device=noise.device).manual_seed(seed)
+    return diffusion.p_sample_loop(ema_model.predict, noise.shape, noise=noise,
+                                   clip_denoised=False, model_kwargs=dict(y=labels),
+                                   device=noise.device, generator=gen)
 
 
 @torch.no_grad()
 def sample_grid(ema_model, noise: torch.Tensor, labels: torch.Tensor, latents_scale: float,
-                vae, path: str) -> torch.Tensor:
-    """EMA samples (50-step ODE, CFG 1.0) from fixed noise and labels, decoded, as one PNG
-    (⌈√n⌉ columns, row-major, empty cells black); returns the grid (uint8 [3, H, W])."""
+                vae, path: str, ddpm_seed: Optional[int] = None) -> torch.Tensor:
+    """EMA samples (50-step ODE, CFG 1.0; with ``ddpm_seed``, a DiT's 50 DDPM steps) from fixed
+    noise and labels, decoded, as one PNG (⌈√n⌉ columns, row-major, empty cells black);
+    returns the grid (uint8 [3, H, W])."""
     from ..generation.output import make_grid, save_png_atomic
     from ..generation.sample_batch import to_uint8
     from ..transport.samplers import euler_sampler
-    images = to_uint8(euler_sampler(ema_model, noise, labels, num_steps=50), vae, latents_scale)
+    samples = (euler_sampler(ema_model, noise, labels, num_steps=GRID_STEPS)
+               if ddpm_seed is None else ddpm_samples(ema_model, noise, labels, ddpm_seed))
+    images = to_uint8(samples, vae, latents_scale)
     n = images.shape[0]
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -40,6 +61,8 @@ class SampleGrids:
                  device: torch.device, reporter):
         self.run_dir, self.ema, self.vae, self.latents_scale = run_dir, ema, vae, latents_scale
         self.reporter = reporter
+        from .config import is_dit
+        self.ddpm_seed = config.seed if is_dit(config) else None
         # from a generator of their own: the training's random state is not touched
         gen = torch.Generator().manual_seed(config.seed)
         self.noise = torch.randn(GRID_SAMPLES, *x_shape, generator=gen).to(device)
@@ -54,7 +77,7 @@ class SampleGrids:
         if only_missing and os.path.exists(self.path(step)):
             return
         from tqdm import tqdm
-        tqdm.write(f"writing the sample grid of step {step} (50 sampling steps)...")
+        tqdm.write(f"writing the sample grid of step {step} ({GRID_STEPS} sampling steps)...")
         grid = sample_grid(self.ema.model, self.noise, self.labels, self.latents_scale,
-                           self.vae, self.path(step))
+                           self.vae, self.path(step), self.ddpm_seed)
         self.reporter.image("samples/ema", grid, step)

@@ -3,6 +3,7 @@
     x     = sample_posterior(moments, ε)                    latents from stored VAE moments
     zs    = [encoder(images) for each encoder]              frozen, no grad
     loss  = velocity MSE + proj_coeff · proj_loss           SILoss, fused alignment op
+            (DiT: diffusion hybrid loss + proj_coeff · proj_loss, training.dit_loss.DiTLoss)
     clip grad norm, AdamW step, EMA update                  skipped on the device when not finite
 
 No host synchronisation (plain and DDP paths): the random draws are made on the device from
@@ -22,15 +23,16 @@ import torch.nn as nn
 from ..transport import SILoss
 from ..transport.timesteps import sample_time
 from .. import vae as vae_module
-from .config import TrainConfig
+from .config import TrainConfig, is_dit
+from .dit_loss import DIFFUSION_STEPS, DiTLoss
 from .ema import EMA
 from .engine import Engine, PlainEngine
 from .optim import build_optimizer
 
 
 class Draws(NamedTuple):
-    """A rank's random numbers for one step: times [B, 1, 1, 1], noise and posterior noise
-    [B, C, H, W], label-dropout flags [B] (bool)."""
+    """A rank's random numbers for one step: times [B, 1, 1, 1] (DiT: int64 timesteps [B]),
+    noise and posterior noise [B, C, H, W], label-dropout flags [B] (bool)."""
     time: torch.Tensor
     noise: torch.Tensor
     eps: torch.Tensor
@@ -52,7 +54,10 @@ def step_draws(config: TrainConfig, step: int, local_batch: int, shape: tuple, r
     warns then)."""
     g = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + step)
     total = local_batch * world_size
-    time_ = sample_time(total, config.weighting, config.path_type, generator=g)
+    if is_dit(config):  # as DiT's train.py: torch.randint(0, T, (N,)), here on the device
+        time_ = torch.randint(0, DIFFUSION_STEPS, (total,), generator=g, device=device)
+    else:
+        time_ = sample_time(total, config.weighting, config.path_type, generator=g)
     noise = torch.randn((total, *shape), generator=g, device=device)
     eps = torch.randn((total, *shape), generator=g, device=device)
     drop = torch.rand(total, generator=g, device=device) < config.cfg_prob
@@ -112,7 +117,7 @@ class TrainStep:
     engine: Engine
     forward: Callable
     encoders: list
-    loss_fn: SILoss
+    loss_fn: SILoss  # or DiTLoss
     ema: EMA
     x_shape: tuple
     latents_scale: float = 1.0
@@ -165,7 +170,10 @@ def plain_engine(config: TrainConfig, model: nn.Module, device: torch.device,
                        config.max_grad_norm, world_size, fp16=config.mixed_precision == "fp16")
 
 
-def make_loss(config: TrainConfig) -> SILoss:
+def make_loss(config: TrainConfig):
+    """SiT's velocity loss, or DiT's diffusion loss for a DiT ``--model``."""
+    if is_dit(config):
+        return DiTLoss(fused=config.fused_loss)
     return SILoss(prediction=config.prediction, path_type=config.path_type,
                   weighting=config.weighting, fused=config.fused_loss)
 
