@@ -14,7 +14,7 @@ DDIM with η = 0 uses no noise after the initial draw.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 

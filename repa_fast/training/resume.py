@@ -21,20 +21,15 @@ def resume_state(resume: Optional[str], ckpt_dir: str, dist: Distributed):
     and verifies (``--resume auto`` may pass over damaged files); the other ranks load the
     file it chose, checking its size only: every rank resumes the same step, and the file
     is hashed once."""
-    if dist.world_size == 1:
-        return resolve_resume(resume, ckpt_dir)
-    chosen = [None, None]
     if dist.main:
         try:
             path, state = resolve_resume(resume, ckpt_dir)
-            chosen = [path, None]
         except Exception as error:  # noqa: BLE001 -- every rank stops, not only rank 0
-            torch.distributed.broadcast_object_list([None, f"{error}"], src=0)
+            dist.broadcast((None, f"{error}"))
             raise
-    torch.distributed.broadcast_object_list(chosen, src=0)
-    path, problem = chosen
-    if dist.main:
+        dist.broadcast((path, None))
         return path, state
+    path, problem = dist.broadcast(None)
     if problem is not None:
         raise UsageError(f"rank 0 could not resume: {problem}")
     if path is None:
