@@ -165,6 +165,7 @@ bench generate benchmarks/test_bench_generate.py
 # --- the kernel tests on CUDA tensors (the interpreter in --dry-run) -------------------
 step tests "$out/tests.log" "$py" -m pytest tests/test_alignment.py \
     tests/test_attention.py tests/test_kernels_compile.py \
+    tests/test_diffusion.py::test_cuda_sampling_and_loss_never_sync \
     "${pytest_args[@]}" --durations=10 --junitxml="$out/tests.xml" "${tests_k[@]}"
 
 # --- last and optional: the native extension with its CUDA kernels, then its tests ------

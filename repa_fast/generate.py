@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fused-attn", help="attention through the --attn-backend kernel; "
                    "--no-fused-attn: explicit softmax (default: from the checkpoint)",
                    **bool_flag)
-    g.add_argument("--resolution", type=int, help="image size in pixels (256, 512, ...) "
-                   "(default: from the checkpoint)")
+    g.add_argument("--resolution", "--image-size", type=int, help="image size in pixels "
+                   "(256, 512, ...); --image-size is DiT's name (default: from the checkpoint)")
     g.add_argument("--vae", help="local SD-VAE folder or file, for latent-space checkpoints "
                    "(default: from the checkpoint, the training run's --vae when that path "
                    "exists here)")

@@ -47,9 +47,9 @@ def _read_state_dict(path: str) -> dict:
 
 def load_vae(path: str, device=None, dtype: Optional[torch.dtype] = None):
     """A diffusers ``AutoencoderKL`` in eval mode from a local folder or file (see module doc)."""
-    diffusers = _diffusers()
     if not os.path.exists(path):
         raise FileNotFoundError(f"VAE weights not found: {path!r}. Get them from {SD_VAE_URLS}")
+    diffusers = _diffusers()
     if os.path.isdir(path):
         # low_cpu_mem_usage=False: the same weights without diffusers' "install accelerate"
         # notice (that path needs accelerate and falls back to this one without it)

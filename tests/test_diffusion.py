@@ -11,6 +11,7 @@ from repa_fast.diffusion import (
     UniformSampler,
     create_diffusion,
     discretized_gaussian_log_likelihood,
+    extract_into_tensor,
     normal_kl,
     space_timesteps,
 )
@@ -355,3 +356,80 @@ def test_bad_arguments(kwargs, name, value):
     with pytest.raises(ValueError) as info:
         create_diffusion(**kwargs)
     assert name in str(info.value) and value in str(info.value)
+
+
+# -- tables on the device ---------------------------------------------------------------------
+
+TABLES = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "alphas_cumprod_next",
+          "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+          "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+          "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+          "one_minus_alphas_cumprod", "log_betas", "recip_posterior_mean_coef1",
+          "posterior_mean_coef2_over_coef1", "fixed_large_variance", "fixed_large_log_variance"]
+
+
+def test_derived_tables_are_the_originals_expressions():
+    d = create_diffusion("")
+    same = lambda a, b: np.testing.assert_array_equal(a, b)  # noqa: E731
+    same(d.one_minus_alphas_cumprod, 1.0 - d.alphas_cumprod)
+    same(d.log_betas, np.log(d.betas))
+    same(d.recip_posterior_mean_coef1, 1.0 / d.posterior_mean_coef1)
+    same(d.posterior_mean_coef2_over_coef1, d.posterior_mean_coef2 / d.posterior_mean_coef1)
+    same(d.fixed_large_variance, np.append(d.posterior_variance[1], d.betas[1:]))
+    same(d.fixed_large_log_variance, np.log(np.append(d.posterior_variance[1], d.betas[1:])))
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_extract_equals_the_originals_lookup(name):
+    """Bitwise the original's ``_extract_into_tensor`` (float64 gather, then float32), kept."""
+    d = create_diffusion("")
+    t = torch.tensor([0, 1, 500, 998, 999, 7])
+    shape = (6, 3, 2, 2)
+    original = torch.from_numpy(getattr(d, name))[t].float()[:, None, None, None] \
+        + torch.zeros(shape)
+    assert torch.equal(d.extract(name, t, shape), original)
+    assert torch.equal(extract_into_tensor(getattr(d, name), t, shape), original)
+    assert (name, t.device) in d._device_tables  # noqa: SLF001 (the cache under test)
+
+
+def test_steps_make_no_host_copies_after_the_first(monkeypatch):
+    """Tables and the respaced timestep map are copied to the device once: later training
+    losses and sampling loops call neither ``torch.from_numpy`` nor ``torch.tensor`` (on a GPU
+    each such copy is a host sync). Fails if any look-up copies the numpy table again."""
+    d = create_diffusion("25")
+    model = TinyModel(2)
+    x0 = torch.randn(3, 2, 4, 4)
+    t = torch.tensor([0, 12, 24])
+    d.training_losses(model, x0, t)
+    d.p_sample_loop(model, (3, 2, 4, 4), generator=torch.Generator().manual_seed(0))
+    d.ddim_sample_loop(model, (3, 2, 4, 4), generator=torch.Generator().manual_seed(0))
+    cached = dict(d._device_tables)  # noqa: SLF001
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host-to-device copy inside a diffusion step")
+    monkeypatch.setattr(torch, "from_numpy", refuse)
+    monkeypatch.setattr(torch, "tensor", refuse)
+    d.training_losses(model, x0, t)
+    d.p_sample_loop(model, (3, 2, 4, 4), generator=torch.Generator().manual_seed(0))
+    d.ddim_sample_loop(model, (3, 2, 4, 4), generator=torch.Generator().manual_seed(0))
+    assert d._device_tables.keys() == cached.keys()  # noqa: SLF001
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_sampling_and_loss_never_sync():
+    """On a GPU a DDPM loop and the hybrid loss run with CUDA's sync debug mode set to error."""
+    d = create_diffusion("10")
+    model = TinyModel(2).cuda()
+    x0 = torch.randn(3, 2, 4, 4, device="cuda")
+    t = torch.tensor([0, 5, 9], device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    d.training_losses(model, x0, t)
+    d.p_sample_loop(model, (3, 2, 4, 4), generator=gen)  # first use copies the tables
+    model.seen.clear()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        d.training_losses(model, x0, t)["loss"].sum().backward()
+        d.p_sample_loop(model, (3, 2, 4, 4), generator=gen)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

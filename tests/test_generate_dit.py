@@ -223,6 +223,23 @@ def test_latent_dit_decodes_with_the_vae(tmp_path):
         "DiT-T-2-DiT-latent-size-32-vae-ema-cfg-1.5-seed-0-steps-2"
 
 
+def test_image_size_is_an_alias_of_resolution():
+    """sample_ddp.py's --image-size names the same setting as --resolution."""
+    from repa_fast.generate import build_parser
+    args = build_parser().parse_args(["--ckpt", "x.pt", "--image-size", "512"])
+    assert args.resolution == 512
+
+
+def test_dit_vae_names_get_a_download_hint(ckpts, tmp_path, capsys):
+    """DiT's (and REPA's) `--vae mse`, a hub name, is a usage error naming what to download."""
+    ckpt = str(tmp_path / "DiT-latent.pt")
+    torch.save(tiny_dit(in_channels=4, input_size=4, model="DiT-T/2").state_dict(), ckpt)
+    rc = main(["--ckpt", ckpt, "--vae", "mse", "--num-classes", "5", "--sample-dir",
+               str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--vae mse" in err and "stabilityai/sd-vae-ft-mse" in err, err
+
+
 # ----------------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("flags, expected", [

@@ -167,10 +167,40 @@ def test_sigterm_saves_and_exits_143(tmp_path):
                                                  "apex-fused-adam, deepspeed"),
     (["--preset", "demo", "--optimizer", "deepspeed"], "--optimizer deepspeed builds"),
     (["--preset", "demo", "--optimizer", "apex-fused-adam"], "It is not on the package registry"),
+    (["--preset", "demo", "--max-grad-norm", "0"], "--max-grad-norm must be > 0 (inf: no clip"),
+    (["--preset", "demo", "--max-grad-norm", "-1"], "--max-grad-norm must be > 0"),
+    (["--preset", "demo", "--max-grad-norm", "nan"], "--max-grad-norm must be > 0"),
 ])
 def test_config_errors_exit_2(tmp_path, capsys, argv, message):
     assert main(argv + ["--output-dir", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_max_grad_norm_inf_measures_the_norm_and_never_clips():
+    """--max-grad-norm inf (DiT's train.py clips nothing): the step reports the true norm and
+    applies the unclipped gradient; 1e-3 clips, so the two runs differ."""
+    from repa_fast.training.config import parse_args
+    from repa_fast.training.ema import EMA
+    from repa_fast.training.engine import PlainEngine
+    results = {}
+    for norm in (float("inf"), 1e-3):
+        config = parse_args(["--preset", "demo", "--max-grad-norm", str(norm)])
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        engine = PlainEngine(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                             torch.device("cpu"), config.max_grad_norm)
+        loss = model(torch.ones(2, 4)).pow(2).sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+        before = [p.detach().clone() for p in model.parameters()]
+        grad_norm, _ = engine.backward_and_step(loss, EMA(model))
+        want_norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        torch.testing.assert_close(grad_norm, want_norm)
+        steps = [b - p.detach() for b, p in zip(before, model.parameters())]
+        results[norm] = steps
+        if norm == float("inf"):
+            for step, g in zip(steps, grads):
+                torch.testing.assert_close(step, g)
+    assert not torch.allclose(results[1e-3][0], results[float("inf")][0])
 
 
 def test_batch_must_divide_across_processes():

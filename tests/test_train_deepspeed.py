@@ -42,24 +42,43 @@ def losses(out):
         return [json.loads(line)["loss"] for line in f]
 
 
+DIT = ("--model", "DiT-T/4")  # DiT's Gaussian diffusion + REPA in the same loop
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_save_and_exact_resume(tmp_path, stage):
+@pytest.mark.parametrize("stage, model", [(2, ()), (3, ()), pytest.param(3, DIT, id="3-DiT")])
+def test_zero_save_and_exact_resume(tmp_path, stage, model):
     config = str(CONFIGS / f"zero{stage}.json")
-    run(tmp_path / "full", "--max-train-steps", "4", "--ds_config", config)
-    run(tmp_path / "cut", "--max-train-steps", "2", "--ds_config", config)
-    run(tmp_path / "cut", "--max-train-steps", "4", "--resume", "auto", "--ds_config", config)
+    run(tmp_path / "full", "--max-train-steps", "4", "--ds_config", config, *model)
+    run(tmp_path / "cut", "--max-train-steps", "2", "--ds_config", config, *model)
+    run(tmp_path / "cut", "--max-train-steps", "4", "--resume", "auto", "--ds_config", config,
+        *model)
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
-    # the consolidated file holds full weights (gathered under ZeRO-3) that a plain SiT loads
+    # the consolidated file holds full weights (gathered under ZeRO-3) that a plain model loads
     ckpt = torch.load(tmp_path / "full" / "demo" / "checkpoints" / "0000004.pt", weights_only=True)
     from repa_fast.training.build import build_model
     from repa_fast.training.config import TrainConfig, PRESETS
-    model = build_model(TrainConfig(**PRESETS["demo"]), 3, 32, [64])  # SiT-T/4, demo encoder
-    model.load_state_dict(ckpt["model"])
+    demo = dict(PRESETS["demo"], **({"model": model[1]} if model else {}))
+    built = build_model(TrainConfig(**demo), 3, 32, [64])  # SiT-T/4 or DiT-T/4, demo encoder
+    assert type(built).__name__ == ("DiT" if model else "SiT")
+    built.load_state_dict(ckpt["model"])
     assert (tmp_path / "full" / "demo" / "checkpoints" / "deepspeed" / "0000004").is_dir()
     # one process without DeepSpeed gives the same losses (fp32)
-    run(tmp_path / "plain", "--max-train-steps", "4")
+    run(tmp_path / "plain", "--max-train-steps", "4", *model)
     assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "full"), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_dit_bf16_under_zero2_follows_the_plain_bf16_run(tmp_path):
+    """bf16 with DeepSpeed (its bf16 optimizer wrapper, fp32 master weights) trains DiT like a
+    plain bf16-autocast run, within bf16's tolerance."""
+    bf16 = ("--mixed-precision", "bf16")
+    run(tmp_path / "ds", "--max-train-steps", "3", "--ds_config", str(CONFIGS / "zero2.json"),
+        *DIT, *bf16)
+    run(tmp_path / "plain", "--max-train-steps", "3", *DIT, *bf16)
+    got, want = losses(tmp_path / "ds"), losses(tmp_path / "plain")
+    assert all(torch.isfinite(torch.tensor(got)))
+    assert got == pytest.approx(want, rel=3e-2)
 
 
 @pytest.mark.slow
@@ -94,13 +113,15 @@ def launch(out, launcher, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, launcher):
+@pytest.mark.parametrize("launcher, model", [("deepspeed", ()), ("torchrun", ()),
+                                             pytest.param("torchrun", DIT, id="torchrun-DiT")])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, launcher, model):
     """Random draws are made per global batch and sliced per rank, so 2 processes of 4
-    samples train exactly like 1 process of 8 (up to fp32 reduction order)."""
-    run(tmp_path / "one", "--max-train-steps", "4")
+    samples train exactly like 1 process of 8 (up to fp32 reduction order); for DiT too (DDP,
+    its timesteps drawn per global batch)."""
+    run(tmp_path / "one", "--max-train-steps", "4", *model)
     extra = ["--ds_config", str(CONFIGS / "zero2.json")] if launcher == "deepspeed" else []
-    launch(tmp_path / "two", launcher, *extra)
+    launch(tmp_path / "two", launcher, *extra, *model)
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
 
 

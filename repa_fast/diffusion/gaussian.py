@@ -2,7 +2,10 @@
 DiT's ``GaussianDiffusion`` (from ADM / improved DDPM).
 
 Every per-step coefficient is a float64 numpy table indexed by t = 0..T-1 (t = 0 is the first
-noising step) and gathered with :func:`extract_into_tensor`.
+noising step), as the original's. Look-ups go through :meth:`GaussianDiffusion.extract`, which
+copies a table to a device once and gathers there: the original copies the numpy table at every
+look-up (8 per DDPM step, 16 per training step), and on a GPU each such blocking copy from
+pageable host memory makes the host wait for the device's queued work.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 from .kinds import LossType, ModelMeanType, ModelVarType
 from .losses import DiffusionLosses
 from .sampling import DiffusionSampling
-from .tensors import extract_into_tensor as extract
+from .tensors import gather_timesteps
 
 
 class GaussianDiffusion(DiffusionLosses, DiffusionSampling):
@@ -65,13 +68,35 @@ class GaussianDiffusion(DiffusionLosses, DiffusionSampling):
         self.posterior_mean_coef2 = ((1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas)
                                      / (1.0 - self.alphas_cumprod))
 
+        # tables the original computes inside its methods, here once so they can stay on the device
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.log_betas = np.log(betas)
+        self.recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
+        self.posterior_mean_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
+        # fixed large variance: β_t, except β̃_1 at t = 0 (β_1 gives a worse decoder likelihood)
+        self.fixed_large_variance = (np.append(self.posterior_variance[1], betas[1:])
+                                     if self.num_timesteps > 1 else np.array([]))
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
+        self._device_tables: dict = {}
+
+    def extract(self, name: str, t: torch.Tensor, shape) -> torch.Tensor:
+        """The table ``name`` (an attribute above) at timesteps ``t``, float32, broadcast to
+        ``shape``. Each table is copied to ``t``'s device on first use and kept there, so a
+        training or sampling step makes no host-to-device copy (no host sync on a GPU)."""
+        key = (name, t.device)
+        table = self._device_tables.get(key)
+        if table is None:
+            table = torch.from_numpy(getattr(self, name)).to(t.device)
+            self._device_tables[key] = table
+        return gather_timesteps(table, t, shape)
+
     # -- the forward process -------------------------------------------------------------------
 
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
         """(mean, variance, log variance) of q(x_t | x_0), each shaped like ``x_start``."""
-        mean = extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = extract(1.0 - self.alphas_cumprod, t, x_start.shape)
-        log_variance = extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        mean = self.extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+        variance = self.extract("one_minus_alphas_cumprod", t, x_start.shape)
+        log_variance = self.extract("log_one_minus_alphas_cumprod", t, x_start.shape)
         return mean, variance, log_variance
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor,
@@ -82,35 +107,35 @@ class GaussianDiffusion(DiffusionLosses, DiffusionSampling):
         if noise.shape != x_start.shape:
             raise ValueError(f"noise must have x_start's shape {list(x_start.shape)}; "
                              f"got {list(noise.shape)}")
-        return (extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+        return (self.extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+                + self.extract("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise)
 
     def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """(mean, β̃_t, clipped log β̃_t) of q(x_{t-1} | x_t, x_0)."""
         if x_start.shape != x_t.shape:
             raise ValueError(f"x_start and x_t must have one shape; got {list(x_start.shape)} "
                              f"and {list(x_t.shape)}")
-        mean = (extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
-                + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
-        variance = extract(self.posterior_variance, t, x_t.shape)
-        log_variance = extract(self.posterior_log_variance_clipped, t, x_t.shape)
+        mean = (self.extract("posterior_mean_coef1", t, x_t.shape) * x_start
+                + self.extract("posterior_mean_coef2", t, x_t.shape) * x_t)
+        variance = self.extract("posterior_variance", t, x_t.shape)
+        log_variance = self.extract("posterior_log_variance_clipped", t, x_t.shape)
         return mean, variance, log_variance
 
     # -- the reverse process -------------------------------------------------------------------
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         # x_0 = x_t / √ᾱ_t - √(1/ᾱ_t - 1) ε
-        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+        return (self.extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
+                - self.extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps)
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return ((extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
-                / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+        return ((self.extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart)
+                / self.extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape))
 
     def _predict_xstart_from_xprev(self, x_t, t, xprev):
         # invert the posterior mean: x_0 = (x_{t-1} - c₂ x_t) / c₁
-        return (extract(1.0 / self.posterior_mean_coef1, t, x_t.shape) * xprev
-                - extract(self.posterior_mean_coef2 / self.posterior_mean_coef1, t, x_t.shape)
+        return (self.extract("recip_posterior_mean_coef1", t, x_t.shape) * xprev
+                - self.extract("posterior_mean_coef2_over_coef1", t, x_t.shape)
                 * x_t)
 
     def p_mean_variance(self, model: Callable, x: torch.Tensor, t: torch.Tensor,
@@ -143,18 +168,17 @@ class GaussianDiffusion(DiffusionLosses, DiffusionSampling):
             if self.model_var_type == ModelVarType.LEARNED:
                 log_variance = var_values
             else:
-                min_log = extract(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = extract(np.log(self.betas), t, x.shape)
+                min_log = self.extract("posterior_log_variance_clipped", t, x.shape)
+                max_log = self.extract("log_betas", t, x.shape)
                 frac = (var_values + 1) / 2  # v ∈ [-1, 1] → [0, 1]
                 log_variance = frac * max_log + (1 - frac) * min_log
             variance = torch.exp(log_variance)
         elif self.model_var_type == ModelVarType.FIXED_LARGE:
-            # β_t, except β̃_1 at t = 0 (β_1 would give a worse decoder likelihood)
-            large = np.append(self.posterior_variance[1], self.betas[1:])
-            variance, log_variance = extract(large, t, x.shape), extract(np.log(large), t, x.shape)
+            variance = self.extract("fixed_large_variance", t, x.shape)
+            log_variance = self.extract("fixed_large_log_variance", t, x.shape)
         else:
-            variance = extract(self.posterior_variance, t, x.shape)
-            log_variance = extract(self.posterior_log_variance_clipped, t, x.shape)
+            variance = self.extract("posterior_variance", t, x.shape)
+            log_variance = self.extract("posterior_log_variance_clipped", t, x.shape)
 
         def process_xstart(x0):
             if denoised_fn is not None:

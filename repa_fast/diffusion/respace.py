@@ -95,17 +95,27 @@ class SpacedDiffusion(GaussianDiffusion):
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):
             return model
-        return _WrappedModel(model, self.timestep_map, self.original_num_steps)
+        return _WrappedModel(model, self)
+
+    def original_timesteps(self, ts: torch.Tensor) -> torch.Tensor:
+        """``timestep_map[ts]`` in ``ts``'s dtype, the map kept on ``ts``'s device after its
+        first use (the original builds it from a list at every model call)."""
+        key = ("timestep_map", ts.device, ts.dtype)
+        table = self._device_tables.get(key)
+        if table is None:
+            table = torch.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
+            self._device_tables[key] = table
+        return table[ts]
 
 
 class _WrappedModel:
     """Calls ``model(x, timestep_map[t])``: respaced index → original timestep, same dtype."""
 
-    def __init__(self, model, timestep_map, original_num_steps):
+    def __init__(self, model, diffusion: SpacedDiffusion):
         self.model = model
-        self.timestep_map = timestep_map
-        self.original_num_steps = original_num_steps
+        self.diffusion = diffusion
+        self.timestep_map = diffusion.timestep_map
+        self.original_num_steps = diffusion.original_num_steps
 
     def __call__(self, x, ts, **kwargs):
-        map_tensor = torch.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
-        return self.model(x, map_tensor[ts], **kwargs)
+        return self.model(x, self.diffusion.original_timesteps(ts), **kwargs)

@@ -11,8 +11,6 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .tensors import extract_into_tensor as extract
-
 
 def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     if generator is None:
@@ -45,7 +43,7 @@ class DiffusionSampling:
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
         """Song et al.'s guidance: ε ← ε - √(1 - ᾱ_t) ∇ log p(y | x); x̂_0 and μ follow."""
-        alpha_bar = extract(self.alphas_cumprod, t, x.shape)
+        alpha_bar = self.extract("alphas_cumprod", t, x.shape)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
         eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, t, **(model_kwargs or {}))
         out = dict(p_mean_var)
@@ -110,8 +108,8 @@ class DiffusionSampling:
         """
         out, eps = self._ddim_prediction(model, x, t, clip_denoised, denoised_fn, cond_fn,
                                          model_kwargs)
-        alpha_bar = extract(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = extract(self.alphas_cumprod_prev, t, x.shape)
+        alpha_bar = self.extract("alphas_cumprod", t, x.shape)
+        alpha_bar_prev = self.extract("alphas_cumprod_prev", t, x.shape)
         sigma = (eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
                  * torch.sqrt(1 - alpha_bar / alpha_bar_prev))
         noise = _randn_like(x, generator)  # drawn even for η = 0, as DiT does
@@ -127,7 +125,7 @@ class DiffusionSampling:
             raise ValueError(f"eta must be 0 for the reverse (deterministic) ODE; got {eta!r}")
         out, eps = self._ddim_prediction(model, x, t, clip_denoised, denoised_fn, cond_fn,
                                          model_kwargs)
-        alpha_bar_next = extract(self.alphas_cumprod_next, t, x.shape)
+        alpha_bar_next = self.extract("alphas_cumprod_next", t, x.shape)
         mean_pred = (out["pred_xstart"] * torch.sqrt(alpha_bar_next)
                      + torch.sqrt(1 - alpha_bar_next) * eps)
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
@@ -169,7 +167,7 @@ class DiffusionSampling:
             from tqdm.auto import tqdm  # optional dependency, only for the progress bar
             indices = tqdm(indices)
         for i in indices:
-            t = torch.tensor([i] * shape[0], device=device)
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)  # no host copy
             with torch.no_grad():
                 out = step(img, t)
                 yield out

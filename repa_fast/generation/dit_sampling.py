@@ -102,7 +102,7 @@ def sample_dit_latents(call: DiTOutput, diffusion, latents: torch.Tensor, labels
     scratch = torch.Generator(device=x.device).manual_seed(0) if config.sampler == "ddim" \
         else None
     for i in reversed(range(diffusion.num_timesteps)):
-        t = torch.tensor([i] * x.shape[0], device=x.device)
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)  # no host copy
         if config.sampler == "ddim":
             x = diffusion.ddim_sample(call, x, t, clip_denoised=False, model_kwargs=kwargs,
                                       eta=0.0, generator=scratch)["sample"]

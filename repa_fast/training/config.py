@@ -185,8 +185,8 @@ class TrainConfig:
     adam_beta2: float = _optim(0.999, "AdamW beta2", official=True)
     adam_weight_decay: float = _optim(0.0, "AdamW weight decay", official=True)
     adam_epsilon: float = _optim(1e-8, "AdamW epsilon", official=True)
-    max_grad_norm: float = _optim(1.0, "clip the global gradient norm to this",
-                                  official=True)
+    max_grad_norm: float = _optim(1.0, "clip the global gradient norm to this (inf: measure "
+                                  "it, never clip)", official=True)
     max_train_steps: int = _optim(400000, "train until this step", official=True)
     mixed_precision: str = _optim("bf16", "autocast dtype of the model (no: fp32); bf16 needs "
                                   "no loss scaling (official default: fp16)",
@@ -287,6 +287,9 @@ class TrainConfig:
                                      f"steps, uniform timesteps): leave out {_flag(name)}")
         if not 0 <= self.cfg_prob < 1:
             raise ValueError(f"--cfg-prob must be in [0, 1); got {self.cfg_prob}")
+        if not self.max_grad_norm > 0:  # 0 would zero every gradient, < 0 flip it; also NaN
+            raise ValueError(f"--max-grad-norm must be > 0 (inf: no clipping, as DiT's "
+                             f"train.py); got {self.max_grad_norm}")
         self.resolve()
 
     def resolve(self) -> None:

@@ -40,7 +40,9 @@ class DiTLoss:
                 out, zs_tilde = model(x_t, t, **kwargs)
                 found["proj"] = (projection_loss(zs, zs_tilde) if zs
                                  else torch.zeros((), device=images.device))
-            return out
+            # the diffusion's maths in float32 as the original's (under autocast the model's
+            # output is bf16/fp16, and the learned-σ term would otherwise start in that dtype)
+            return out.float()
 
         terms = self.diffusion.training_losses(eps_model, images, time, model_kwargs,
                                                noise=noise.to(images.device, images.dtype))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 
 import torch
@@ -63,7 +64,10 @@ def load_ds_config(path: str, config: TrainConfig, world_size: int, device: torc
         raise ValueError(f"--ds_config {path!r} must hold a JSON object; got {type(ds).__name__}")
     fill_auto(ds, dict(train_batch_size=config.batch_size,
                        train_micro_batch_size_per_gpu=config.batch_size // world_size,
-                       gradient_accumulation_steps=1, gradient_clipping=config.max_grad_norm),
+                       gradient_accumulation_steps=1,
+                       # DeepSpeed's "no clipping" is 0
+                       gradient_clipping=(config.max_grad_norm
+                                          if math.isfinite(config.max_grad_norm) else 0.0)),
               path, note=" (--batch-size is global; gradient accumulation is not used)")
     stage = ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
     if stage not in (0, 1, 2, 3):
