@@ -60,6 +60,8 @@ EXTRAS = {
     "flash4": ["flash-attn-4>=4.0.0b1"],
     "xformers": ["xformers>=0.0.28"],
     "eval": ["scipy>=1.10", "torch-fidelity>=0.4", "pillow>=10", "tqdm>=4.66"],
+    # text-to-image: CLIP text features (data preparation) and the CLIP score (evaluate)
+    "t2i": ["transformers>=4.40"],
     "dev": ["pytest>=8", "pytest-benchmark>=4"],
 }
 

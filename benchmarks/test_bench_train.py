@@ -67,7 +67,8 @@ class OfficialLoss(SILoss):
             out["zs_tilde"] = zs_tilde
             return v, zs_tilde
 
-        loss, _ = super().__call__(capture, images, model_kwargs, zs)
+        # no zs here: SILoss would compute its own (vectorised) projection loss as well
+        loss, _ = super().__call__(capture, images, model_kwargs)
         return loss, official_projection_loss(zs, out["zs_tilde"])
 
 

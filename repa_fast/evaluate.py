@@ -13,6 +13,11 @@ else ``ckpts/pt_inception-2015-12-05-6726825d.pth`` (download it from
 one-line summary. Exit code 2 for bad input (files, keys, shapes, dtypes, counts, weights).
 
 Definitions follow ADM's evaluator (openai/guided-diffusion ``evaluations/evaluator.py``):
+With ``--clip-model DIR`` (a local transformers CLIP folder) it also computes the CLIP score of
+text-to-image samples against their captions (:mod:`repa_fast.evaluation.clip_score`); the
+captions come from ``--captions`` or the ``captions`` array ``generate`` stores in the
+``.npz``, and ``--ref`` may then be left out.
+
 FID on ``pool_3`` (2048), sFID on the first 7 channels of ``mixed_6/conv`` (17·17·7 = 2023),
 IS from the softmax of the bias-free 1008-way logits in splits of 5000, precision/recall with
 k = 3 nearest-neighbour balls on ``pool_3``, reference = manifold of the reference images.
@@ -44,6 +49,7 @@ from typing import Optional
 
 from .atomic_write import atomic_open
 from .errors import run_cli
+from .evaluation.errors import EvaluationInputError
 from .evaluation.inception import DEFAULT_WEIGHTS, WEIGHTS_ENV
 from .evaluation.metrics import DISTANCE_DTYPES, FID_METHODS
 from .evaluation.pipeline import compute_metrics, format_summary
@@ -63,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m repa_fast.evaluate",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", required=True, help=".npz with arr_0: uint8 N×H×W×3 samples")
-    p.add_argument("--ref", required=True,
-                   help=".npz with reference images arr_0 and/or stored mu/sigma/mu_s/sigma_s")
+    p.add_argument("--ref", default=None,
+                   help=".npz with reference images arr_0 and/or stored mu/sigma/mu_s/sigma_s "
+                        "(no default: required unless only the CLIP score is asked for)")
     p.add_argument("--out", default=None, help="write the JSON results here (default: stdout)")
     p.add_argument("--inception-weights", default=None,
                    help=f"local Inception weights file (default: ${WEIGHTS_ENV}, else "
@@ -86,12 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", action="store_true",
                    help="reuse/write Inception activations beside each .npz "
                         "(NAME.inception-acts.npz; default: off)")
-    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr (default: off)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress messages on stderr (default: off)")
+    p.add_argument("--clip-model", default=None,
+                   help="local transformers CLIP folder: also compute the CLIP score of the "
+                        "samples against their captions (100·mean max(cos, 0); default: off)")
+    p.add_argument("--captions", default=None,
+                   help="with --clip-model: a text file, one caption per sample in order "
+                        "(default: the 'captions' array that generate stores in the .npz)")
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.ref is None and args.clip_model is None:
+        parser.error("--ref is required (the reference batch or statistics), unless only the "
+                     "CLIP score is asked for (--clip-model)")
 
     def log(message: str) -> None:
         if not args.quiet:
@@ -101,13 +119,22 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _evaluate(args, log) -> int:
-    result = compute_metrics(
-        args.samples, args.ref, weights=args.inception_weights, device=args.device,
-        batch_size=args.batch_size, num_samples=args.num_samples,
-        exact_count=args.exact_count, fid_method=args.fid_method,
-        pr_distance_dtype=args.pr_distance_dtype, cache=args.cache, log=log)
+    if args.captions is not None and args.clip_model is None:
+        raise EvaluationInputError("--captions is for the CLIP score: pass --clip-model too")
+    result, summaries = {}, []
+    if args.ref is not None:
+        result = compute_metrics(
+            args.samples, args.ref, weights=args.inception_weights, device=args.device,
+            batch_size=args.batch_size, num_samples=args.num_samples,
+            exact_count=args.exact_count, fid_method=args.fid_method,
+            pr_distance_dtype=args.pr_distance_dtype, cache=args.cache, log=log)
+        summaries.append(format_summary(result))
+    if args.clip_model is not None:
+        result["clip"] = _clip(args, log)
+        summaries.append(f"CLIP score {result['clip']['clip_score']:.2f} "
+                         f"({result['clip']['count']} samples, {args.clip_model})")
     text = json.dumps(result, indent=2)
-    summary = format_summary(result)
+    summary = "\n".join(summaries)
     if args.out is None:
         print(text)
         print(summary, file=sys.stderr)  # stdout stays pure JSON
@@ -120,6 +147,26 @@ def _evaluate(args, log) -> int:
         print(summary)
         print(f"results written to {args.out}")
     return 0
+
+
+def _clip(args, log) -> dict:
+    """The CLIP score of the (first ``--num-samples``) samples against their captions."""
+    from .evaluation.clip_score import CLIPScorer, clip_score, read_captions
+    from .evaluation.inception import resolve_device
+    from .evaluation.npz import ImageBatches
+    images = ImageBatches(args.samples, "--samples")
+    count = len(images) if args.num_samples is None else args.num_samples
+    if count > len(images):
+        raise EvaluationInputError(f"--num-samples {count}: {args.samples} holds only "
+                                   f"{len(images)} samples")
+    captions = read_captions(args.samples, args.captions)
+    if len(captions) < count or (args.num_samples is None and len(captions) != count):
+        raise EvaluationInputError(f"--captions: {len(captions)} captions for {count} images; "
+                                   f"give one caption per sample, in sample order")
+    captions = captions[:count]
+    scorer = CLIPScorer(args.clip_model, resolve_device(args.device))
+    log(f"CLIP score of {count} samples with {args.clip_model}")
+    return clip_score(scorer, images.batches(args.batch_size, count), captions)
 
 
 if __name__ == "__main__":

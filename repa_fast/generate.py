@@ -9,6 +9,10 @@ The official ``generate.py``'s flags and defaults, plus ``--weights``, ``--vae P
 ``--mixed-precision``, ``--compile``/``--compile-mode``, ``--attn-backend`` and the grid flags.
 DiT checkpoints (facebookresearch/DiT's, or ours) sample as its ``sample_ddp.py``:
 ``--model DiT-XL/2 --num-sampling-steps 250 --cfg-scale 1.5`` (``--sampler ddim`` for DDIM).
+MMDiT (text-to-image) checkpoints sample as the official ``generate_t2i.py``, with captions
+from ``--captions FILE`` / ``--prompt`` (encoded by ``--text-encoder``) or the stored features
+of a prepared set (``--data-dir``, e.g. MS-COCO validation); the ``.npz`` then also holds
+``captions``, which ``repa_fast.evaluate --clip-model`` scores.
 Sample ``i`` is drawn from its own random stream (``repa_fast.generation.seeding``), so the
 samples do not depend on the number of processes, and a restarted run regenerates only the
 batches with missing PNGs, writes only those PNGs and ends with the same ``.npz``. Bad inputs
@@ -44,6 +48,7 @@ from .generation.output import (check_settings, existing_indices, make_grid, png
                                 save_png_atomic, wait_all, write_npz_from_pngs)
 from .generation.sample_batch import COMPILE_MODES, SamplerConfig, Velocity, sample_latents, to_uint8
 from .generation.seeding import initial_draws
+from .generation.t2i_sampling import TextVelocity, initial_noise, sample_t2i_latents
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
 PNG_WRITERS = 4          # threads encoding PNGs while the next batch samples
@@ -125,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-fid-samples", type=int, default=50_000, help="samples in the .npz")
     g.add_argument("--sample-dir", default="samples",
                    help="PNGs go to <sample-dir>/<run name>/, the .npz beside them")
+    g.add_argument("--prefix", default="",
+                   help="put before the run name, '<prefix>-<run name>' (generate_t2i.py's)")
     g = p.add_argument_group("DiT sampling (facebookresearch/DiT's sample_ddp.py; DiT "
                              "checkpoints only, which refuse the SiT sampler flags above)")
     g.add_argument("--num-sampling-steps", type=int, default=None,
@@ -143,9 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model call (default: on with CUDA, off on the CPU)")
     g.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="reduce-overhead / max-autotune also capture CUDA graphs")
+    g = p.add_argument_group("text-to-image (MMDiT checkpoints; default: the training data set)")
+    g.add_argument("--captions", help="captions file: one per line, or an MS-COCO captions "
+                   "JSON (each image's first caption); sample i takes caption i mod n "
+                   "(default: none)")
+    g.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="a caption on the command line (repeat for more; grid rows; default: "
+                   "none)")
+    g.add_argument("--text-encoder", help="encodes --captions/--prompt: a local CLIP text model "
+                   "folder, or demo (default: the training data set's, when found here)")
+    g.add_argument("--data-dir", help="a prepared text-to-image set whose stored caption "
+                   "features are used (the official generate_t2i.py's MS-COCO validation "
+                   "features): sample i is its sample i mod N, caption i div N (default: the "
+                   "training data set, unless --captions or --prompt)")
     g = p.add_argument_group("quick-look grid")
     g.add_argument("--grid", action="store_true", help="write one grid PNG instead: rows = "
-                   "--class-labels, columns = --seeds")
+                   "--class-labels (text-to-image: the captions), columns = --seeds")
     g.add_argument("--class-labels", type=_int_list("--class-labels"),
                    help="comma-separated rows, e.g. 207,360,387 (default: the first 8 classes)")
     g.add_argument("--seeds", type=_int_list("--seeds"),
@@ -197,8 +217,32 @@ SIT_SAMPLER_FLAGS = (("mode", "--mode"), ("num_steps", "--num-steps"), ("heun", 
 DIT_SAMPLER_FLAGS = (("num_sampling_steps", "--num-sampling-steps"), ("sampler", "--sampler"))
 
 
+T2I_FLAGS = (("captions", "--captions"), ("prompt", "--prompt"),
+             ("text_encoder", "--text-encoder"), ("data_dir", "--data-dir"))
+
+
 def check_sampler_flags(args: argparse.Namespace, spec: ModelSpec) -> None:
     """UsageError for sampler flags of the other model family (known once the checkpoint is)."""
+    if not spec.is_t2i:
+        given = [flag for dest, flag in T2I_FLAGS if getattr(args, dest) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: text-to-image flags, but {args.ckpt} holds "
+                             f"a class-conditional {spec.model}: use --class-labels (grids)")
+    else:
+        given = [flag for dest, flag in DIT_SAMPLER_FLAGS if getattr(args, dest) is not None]
+        if args.class_labels is not None:
+            given.append("--class-labels")
+        if given:
+            raise UsageError(f"{', '.join(given)}: not for {args.ckpt}, a text-to-image "
+                             f"{spec.model}: captions come from --captions, --prompt or "
+                             f"--data-dir; it samples with --mode, --num-steps, --heun, "
+                             f"--guidance-low/high")
+        if args.captions is not None and args.prompt is not None:
+            raise UsageError("--captions and --prompt: give one of them")
+        if args.data_dir is not None and (args.captions is not None or args.prompt):
+            raise UsageError("--data-dir uses the set's own captions: leave out --captions and "
+                             "--prompt (or --data-dir)")
+        return
     if spec.is_dit:
         defaults = build_parser()
         given = [flag for dest, flag in SIT_SAMPLER_FLAGS
@@ -260,8 +304,14 @@ def run_name(args: argparse.Namespace, spec: ModelSpec) -> str:
     """The official folder name, ``{model}-{ckpt}-size-{resolution}-vae-{ema|mse}-cfg-{cfg}-
     seed-{seed}-{mode}`` (``vae-pixel`` for pixel-space models), followed by what the official
     name leaves out where it differs from the official default: ``-steps-N`` (default 50), the
-    guidance interval, Heun and ``--weights model``. Runs whose names collide anyway (e.g. the
-    same step of two experiments) are told apart by ``settings.json``, which refuses to mix."""
+    guidance interval, Heun and ``--weights model``; ``--prefix P`` puts ``P-`` before it.
+    Runs whose names collide anyway (e.g. the same step of two experiments) are told apart by
+    ``settings.json``, which refuses to mix."""
+    name = _run_name(args, spec)
+    return f"{args.prefix}-{name}" if args.prefix else name
+
+
+def _run_name(args: argparse.Namespace, spec: ModelSpec) -> str:
     ckpt = os.path.basename(args.ckpt)
     ckpt = ckpt[:-len(".pt")] if ckpt.endswith(".pt") else ckpt
     vae = "pixel" if spec.pixel_space else vae_label(args.vae)
@@ -269,6 +319,9 @@ def run_name(args: argparse.Namespace, spec: ModelSpec) -> str:
         return dit_run_name(args, spec, ckpt, vae)
     name = (f"{spec.model.replace('/', '-')}-{ckpt}-size-{spec.resolution}-vae-{vae}-"
             f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{args.mode}")
+    if spec.is_t2i:  # which captions (the official name says coco)
+        source = args.captions or args.data_dir or ("prompts" if args.prompt else "train-data")
+        name += "-captions-" + os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
     if args.num_steps != 50:
         name += f"-steps-{args.num_steps}"
     if (args.guidance_low, args.guidance_high) != (0.0, 1.0):
@@ -296,13 +349,17 @@ def dit_run_name(args: argparse.Namespace, spec: ModelSpec, ckpt: str, vae: str)
     return name
 
 
-def run_settings(args: argparse.Namespace, spec: ModelSpec, sampler, precision: str) -> dict:
+def run_settings(args: argparse.Namespace, spec: ModelSpec, sampler, precision: str,
+                 conditions=None) -> dict:
     """Everything that changes the samples (beyond rounding): a resumed run must match it.
     Batch size, process count, compilation and attention backend only change rounding."""
-    return dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, spec=spec.to_dict(),
-                vae=os.path.abspath(args.vae) if args.vae and not spec.pixel_space else None,
-                sampler=sampler.to_dict(), global_seed=args.global_seed,
-                mixed_precision=precision, seeding="per-sample streams, repa_fast v1")
+    settings = dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, spec=spec.to_dict(),
+                    vae=os.path.abspath(args.vae) if args.vae and not spec.pixel_space else None,
+                    sampler=sampler.to_dict(), global_seed=args.global_seed,
+                    mixed_precision=precision, seeding="per-sample streams, repa_fast v1")
+    if conditions is not None:
+        settings["captions"] = conditions.identity()
+    return settings
 
 
 # --------------------------------------------------------------------------- generation
@@ -329,8 +386,17 @@ def sample_images(draw, vae, latents_scale: float, device: torch.device, latents
     return to_uint8(samples, vae, latents_scale)
 
 
+def batch_draws(indices, args, spec: ModelSpec, conditions=None):
+    """``(latents, labels or caption contexts, generators)`` of these sample indices."""
+    shape = (spec.in_channels, spec.input_size, spec.input_size)
+    if conditions is None:
+        return initial_draws(indices, args.global_seed, spec.num_classes, shape)
+    latents, generators = initial_noise(indices, args.global_seed, shape)
+    return latents, conditions.contexts(indices), generators
+
+
 def generate_samples(args, procs: Distributed, draw, spec: ModelSpec, description: str, vae,
-                     latents_scale: float, settings: dict) -> str:
+                     latents_scale: float, settings: dict, conditions=None) -> str:
     """Write the missing PNGs of this rank's batches, then (rank 0) the ``.npz``; returns its
     path."""
     folder = os.path.join(args.sample_dir, run_name(args, spec))
@@ -351,14 +417,12 @@ def generate_samples(args, procs: Distributed, draw, spec: ModelSpec, descriptio
     from tqdm import tqdm
     bar = tqdm(total=todo, unit="img", disable=not procs.main, dynamic_ncols=True,
                desc="sampling", smoothing=0.1)
-    shape = (spec.in_channels, spec.input_size, spec.input_size)
     in_flight: deque = deque()
     with ThreadPoolExecutor(PNG_WRITERS) as writers:
         for b, missing in mine:
             # the whole batch, padded past num: the same batch composition in every run
-            latents, labels, generators = initial_draws(range(b * batch, (b + 1) * batch),
-                                                        args.global_seed, spec.num_classes,
-                                                        shape)
+            latents, labels, generators = batch_draws(range(b * batch, (b + 1) * batch), args,
+                                                      spec, conditions)
             images = sample_images(draw, vae, latents_scale, procs.device, latents, labels,
                                    generators)
             kept = [(i, images[i - b * batch]) for i in missing]
@@ -375,7 +439,9 @@ def generate_samples(args, procs: Distributed, draw, spec: ModelSpec, descriptio
     npz = folder + ".npz"
     if procs.main:
         start = time.perf_counter()
-        shape = write_npz_from_pngs(folder, num, npz)
+        extra = None if conditions is None else \
+            {"captions": np.array([conditions.caption(i) for i in range(num)])}
+        shape = write_npz_from_pngs(folder, num, npz, extra=extra)
         print(f"saved {npz} [arr_0: uint8 {list(shape)}] in {time.perf_counter() - start:.1f}s",
               flush=True)
     procs.barrier()
@@ -383,25 +449,35 @@ def generate_samples(args, procs: Distributed, draw, spec: ModelSpec, descriptio
 
 
 def generate_grid(args, draw, spec: ModelSpec, vae, latents_scale: float,
-                  device: torch.device) -> str:
-    """One PNG: row r is class ``--class-labels[r]``, column c the noise of sample 0 of a
-    ``--global-seed --seeds[c]`` run (the same noise down a column)."""
-    labels = args.class_labels if args.class_labels is not None else \
-        list(range(min(8, spec.num_classes)))
+                  device: torch.device, conditions=None) -> str:
+    """One PNG: row r is class ``--class-labels[r]`` (text-to-image: caption r), column c the
+    noise of sample 0 of a ``--global-seed --seeds[c]`` run (the same noise down a column)."""
     seeds = args.seeds if args.seeds is not None else [0, 1, 2, 3]
-    bad = [label for label in labels if not 0 <= label < spec.num_classes]
-    if bad:
-        raise UsageError(f"--class-labels must be in [0, {spec.num_classes - 1}] (the "
-                         f"checkpoint's classes); got {bad}")
     shape = (spec.in_channels, spec.input_size, spec.input_size)
-    columns = [initial_draws([0], seed, spec.num_classes, shape) for seed in seeds]
+    if conditions is not None:  # rows: the first 8 captions (their contexts stand for labels)
+        labels = list(range(min(8, len(conditions.captions))
+                            if hasattr(conditions, "captions") else 8))
+        row_conds = conditions.contexts(labels)
+        print("rows: " + "; ".join(f"{r + 1}. {conditions.caption(r)}" for r in labels),
+              flush=True)
+        columns = [(*initial_noise([0], seed, shape),) for seed in seeds]
+        columns = [(latents, None, generators) for latents, generators in columns]
+    else:
+        labels = args.class_labels if args.class_labels is not None else \
+            list(range(min(8, spec.num_classes)))
+        bad = [label for label in labels if not 0 <= label < spec.num_classes]
+        if bad:
+            raise UsageError(f"--class-labels must be in [0, {spec.num_classes - 1}] (the "
+                             f"checkpoint's classes); got {bad}")
+        columns = [initial_draws([0], seed, spec.num_classes, shape) for seed in seeds]
     cells = [(label, column) for label in labels for column in columns]
     images = []
     for start in range(0, len(cells), args.per_proc_batch_size):
         chunk = cells[start:start + args.per_proc_batch_size]
         # each cell copies its column's generator: equal noise down the column
         generators = [torch.Generator().set_state(col[2][0].get_state()) for _, col in chunk]
-        cell_labels = torch.tensor([label for label, _ in chunk])
+        cell_labels = (torch.stack([row_conds[label] for label, _ in chunk])
+                       if conditions is not None else torch.tensor([label for label, _ in chunk]))
         latents = torch.cat([col[0] for _, col in chunk])
         images.append(sample_images(draw, vae, latents_scale, device, latents, cell_labels,
                                     generators))
@@ -409,16 +485,29 @@ def generate_grid(args, draw, spec: ModelSpec, vae, latents_scale: float,
     out = args.out or os.path.join(args.sample_dir, run_name(args, spec) + "-grid.png")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_png_atomic(grid, out)
-    print(f"saved {out} [{len(labels)} classes × {len(seeds)} seeds, {grid.shape[1]}×"
+    rows = "captions" if conditions is not None else "classes"
+    print(f"saved {out} [{len(labels)} {rows} × {len(seeds)} seeds, {grid.shape[1]}×"
           f"{grid.shape[0]} px]", flush=True)
     return out
 
 
 def make_draw(args: argparse.Namespace, spec: ModelSpec, model: torch.nn.Module,
-              precision: str, device: torch.device):
+              precision: str, device: torch.device, conditions=None):
     """``(draw, sampler config, description)``: the sampler of the checkpoint's family —
     ``draw(latents, labels, generators)`` gives one batch's samples."""
     compile_ = device.type == "cuda" if args.compile is None else args.compile
+    if spec.is_t2i:
+        sampler = SamplerConfig(mode=args.mode, num_steps=args.num_steps, heun=args.heun,
+                                cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
+                                guidance_high=args.guidance_high, path_type=spec.path_type)
+        velocity = TextVelocity(model.to(device), autocast_dtype=PRECISIONS[precision],
+                                compile=compile_, compile_mode=args.compile_mode)
+        empty = conditions.empty.to(device)
+
+        def draw(latents, contexts, generators):
+            return sample_t2i_latents(velocity, latents, contexts.to(device), empty, generators,
+                                      sampler)
+        return draw, sampler, f"{args.mode} {args.num_steps} steps"
     if spec.is_dit:
         sampler = DiTSamplerConfig(sampler=args.sampler or "ddpm",
                                    num_sampling_steps=args.num_sampling_steps or DIT_DEFAULT_STEPS,
@@ -462,19 +551,59 @@ def run(args: argparse.Namespace, procs: Distributed) -> str:
         if procs.rank == 0:
             print(f"--vae not given: decoding with the training run's VAE {recorded_vae} (from "
                   f"the checkpoint's args)", flush=True)
-    if args.cfg_scale > 1.0 and not spec.has_null_class:
+    conditions = caption_source(args, spec, saved_args, device) if spec.is_t2i else None
+    if args.cfg_scale > 1.0 and not spec.has_null_class and not spec.is_t2i:
         raise UsageError(f"--cfg-scale {args.cfg_scale} needs the CFG null class, but this "
                          f"checkpoint's label table has none (trained with cfg_prob 0): use "
                          f"--cfg-scale 1.0")
     vae, latents_scale = load_decoder(spec, args.vae, device)
-    draw, sampler, description = make_draw(args, spec, model, precision, device)
+    draw, sampler, description = make_draw(args, spec, model, precision, device, conditions)
     # Samples draw only from their own streams; seeding the global RNG as well keeps anything
     # else that might draw from it (nothing does today) reproducible.
     torch.manual_seed(args.global_seed)
     if args.grid:
-        return generate_grid(args, draw, spec, vae, latents_scale, device)
-    settings = run_settings(args, spec, sampler, precision)
-    return generate_samples(args, procs, draw, spec, description, vae, latents_scale, settings)
+        return generate_grid(args, draw, spec, vae, latents_scale, device, conditions)
+    settings = run_settings(args, spec, sampler, precision, conditions)
+    return generate_samples(args, procs, draw, spec, description, vae, latents_scale, settings,
+                            conditions)
+
+
+def training_data_dir(saved_args: dict) -> Optional[str]:
+    """The training run's data set, from its checkpoint's args (``demo-t2i``: the built-in
+    set the run wrote under its output folder), when it exists here."""
+    data_dir = saved_args.get("data_dir") if isinstance(saved_args, dict) else None
+    if data_dir == "demo-t2i":
+        data_dir = os.path.join(str(saved_args.get("output_dir", ".")), "demo-t2i-data")
+    return data_dir if isinstance(data_dir, str) and os.path.isdir(data_dir) else None
+
+
+def caption_source(args: argparse.Namespace, spec: ModelSpec, saved_args: dict,
+                   device: torch.device):
+    """The captions of a text-to-image run (:mod:`repa_fast.generation.captions`)."""
+    from .generation.captions import (DataSetCaptions, EncodedCaptions, read_caption_file,
+                                      text_encoder_for)
+    if args.data_dir is not None:
+        if not os.path.isdir(args.data_dir):
+            raise UsageError(f"--data-dir {args.data_dir!r} does not exist")
+        return DataSetCaptions(args.data_dir, spec.context_dim)
+    trained_on = training_data_dir(saved_args)
+    if args.captions is None and not args.prompt:
+        if trained_on is None:
+            raise UsageError("captions needed: pass --captions FILE or --prompt TEXT (with "
+                             "--text-encoder), or --data-dir of a prepared text-to-image set; "
+                             "the checkpoint's training data set is not found here")
+        return DataSetCaptions(trained_on, spec.context_dim)
+    recorded, empty = None, None
+    if trained_on is not None:  # the encoder and empty caption the model was trained with
+        from .data import empty_context, read_index
+        recorded = read_index(trained_on).get("text_encoder")
+        empty = empty_context(trained_on)
+    encoder = text_encoder_for(args.text_encoder, recorded, device, spec.context_dim)
+    if args.text_encoder is not None:
+        empty = None  # another encoder: its own empty caption
+    captions = list(args.prompt) if args.prompt else read_caption_file(args.captions)
+    source = "prompts" if args.prompt else os.path.abspath(args.captions)
+    return EncodedCaptions(captions, encoder, source, empty)
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,9 @@ step::
     loss   = velocity MSE + proj_coeff · proj_loss          (SILoss; fused alignment op)
     clip grad norm, AdamW step, EMA update
 
+for SiT (class labels), DiT (its Gaussian diffusion's loss instead) and MMDiT (text-to-image:
+caption contexts in place of labels, dropped to the empty caption's for CFG).
+
 Around it: ``training.build`` builds the run (checks, data, models, resumed state, the engine:
 plain/DDP or DeepSpeed behind one interface, ``training.engine``), ``training.stats`` keeps the
 running sums and logs, ``training.checkpointer`` saves, postpones saves and stops a run of
@@ -23,7 +26,8 @@ weight, moment or EMA change) and counted; when a log or checkpoint step finds
 ``--max-nonfinite-steps`` skipped in a row, the run stops before saving, with the last good
 checkpoint intact. Checkpoints (atomic) resume exactly: same batches, same random draws, same
 losses. SIGTERM saves and exits.
-``--preset demo`` trains on a built-in shapes data set on the CPU in a few minutes.
+``--preset demo`` trains on a built-in shapes data set on the CPU in a few minutes,
+``--preset demo-t2i`` on its captioned version.
 """
 from __future__ import annotations
 
@@ -53,12 +57,14 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     dist = dist or Distributed()
     run = build_run(config, dist)  # checks the config, builds, resumes
     step, loader, last = run.step, run.data.loader, config.max_train_steps
+    empty = run.data.empty_context  # text-to-image: the CFG dropout's empty caption
     train_step = TrainStep(config, dist.device, run.engine, run.forward, run.encoders,
                            make_loss(config), run.ema, run.data.x_shape,
                            latents_scale=run.data.latents_scale, rank=dist.rank,
-                           world_size=dist.world_size)
+                           world_size=dist.world_size,
+                           empty_context=None if empty is None else empty.to(dist.device))
     stats = RunningStats(config, dist, run.model, run.log, run.reporter, step,
-                         run.skipped_steps)
+                         run.skipped_steps, run.data.context_shape)
     saver = Checkpointer(config, dist, run.engine, run.ema, loader, run.ckpt_dir,
                          last_saved=step if run.resumed else None)
     logged = {}
@@ -67,10 +73,12 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     try:
         while step < last:
             t0 = time.perf_counter()
-            images, moments, labels = next(batches)
+            # labels, or a text-to-image set's contexts (then the caption indices follow)
+            images, moments, cond = next(batches)[:3]
             wait = time.perf_counter() - t0
-            check_labels(labels, config.num_classes, run.data.data_dir)
-            out = train_step(step, images, moments, labels)
+            if not run.data.text_to_image:
+                check_labels(cond, config.num_classes, run.data.data_dir)
+            out = train_step(step, images, moments, cond)
             # skipped steps count as steps (their batch is consumed), as with fp16 loss scaling
             step += 1
             stats.add(step, out, images.shape[0], wait)

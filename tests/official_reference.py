@@ -1,9 +1,12 @@
-"""An independent forward pass of the official REPA SiT, for equality tests.
+"""Independent re-writings of official REPA code, for equality tests.
 
-It composes the building blocks the official ``models/sit.py`` uses (timm's ``PatchEmbed``,
-``Attention`` with LayerNorm q/k-norm, ``Mlp`` with tanh GELU) with functional adaLN code, and
-reads weights from a state dict with the official parameter names. It shares no code with
-``repa_fast.models``.
+* :func:`official_forward`: the forward pass of the official SiT. It composes the building
+  blocks the official ``models/sit.py`` uses (timm's ``PatchEmbed``, ``Attention`` with
+  LayerNorm q/k-norm, ``Mlp`` with tanh GELU) with functional adaLN code, and reads weights from
+  a state dict with the official parameter names. It shares no code with ``repa_fast.models``.
+* :func:`official_t2i_euler_sampler`, :func:`official_t2i_euler_maruyama_sampler`: the official
+  ``samplers_t2i.py`` step for step (its branches, float64 state and draw order), sharing no
+  code with ``repa_fast.transport``.
 """
 import math
 
@@ -55,7 +58,8 @@ def official_forward(sd, x, t, y, *, patch_size, num_heads, encoder_depth, qk_no
         attn.load_state_dict(_sub(sd, f"blocks.{i}.attn."))
         mlp = Mlp(hidden, int(hidden * 4), act_layer=lambda: nn.GELU(approximate="tanh"))
         mlp.load_state_dict(_sub(sd, f"blocks.{i}.mlp."))
-        s1, sc1, g1, s2, sc2, g2 = _linear(sd, f"blocks.{i}.adaLN_modulation.1", F.silu(cond)).chunk(6, -1)
+        modulation = _linear(sd, f"blocks.{i}.adaLN_modulation.1", F.silu(cond))
+        s1, sc1, g1, s2, sc2, g2 = modulation.chunk(6, -1)
         h = h + g1[:, None] * attn(mod(h, s1, sc1))
         h = h + g2[:, None] * mlp(mod(h, s2, sc2))
         if i + 1 == encoder_depth:
@@ -88,3 +92,88 @@ def official_keys(depth, n_projectors, qk_norm=False):
     keys += ["final_layer.linear.weight", "final_layer.linear.bias",
              "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"]
     return keys
+
+
+# ----------------------------------------------------------------- official samplers_t2i.py
+
+def _official_score(v, x, t, path_type):
+    """``get_score_from_velocity`` of the official samplers."""
+    t = t.view(t.size(0), *([1] * (x.dim() - 1)))
+    if path_type == "linear":
+        alpha, d_alpha = 1 - t, -torch.ones_like(x)
+        sigma, d_sigma = t, torch.ones_like(x)
+    elif path_type == "cosine":
+        alpha, sigma = torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
+        d_alpha, d_sigma = -math.pi / 2 * sigma, math.pi / 2 * alpha
+    else:
+        raise NotImplementedError(path_type)
+    ratio = alpha / d_alpha
+    return (ratio * v - x) / (sigma ** 2 - ratio * d_sigma * sigma)
+
+
+def _official_t2i_call(model, x, t_value, y, y_null, guided, dtype):
+    """``(velocity, model_input, time_input)`` of one official model call."""
+    model_input = torch.cat([x] * 2, dim=0) if guided else x
+    context = torch.cat([y, y_null], dim=0) if guided else y
+    time_input = torch.ones(model_input.size(0)).to(device=x.device, dtype=torch.float64) * t_value
+    v = model(model_input.to(dtype=dtype), time_input.to(dtype=dtype), context=context)[0]
+    return v.to(torch.float64), model_input, time_input
+
+
+def _official_cfg(d, guided, cfg_scale):
+    if not guided:
+        return d
+    d_cond, d_uncond = d.chunk(2)
+    return d_uncond + cfg_scale * (d_cond - d_uncond)
+
+
+def official_t2i_euler_sampler(model, latents, y, y_null, num_steps=20, heun=False,
+                               cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
+                               path_type="linear"):
+    """The official ``samplers_t2i.euler_sampler``."""
+    dtype = latents.dtype
+    t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    x_next = latents.to(torch.float64)
+    with torch.no_grad():
+        for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+            x_cur = x_next
+            guided = cfg_scale > 1.0 and t_cur <= guidance_high and t_cur >= guidance_low
+            d_cur, _, _ = _official_t2i_call(model, x_cur, t_cur, y, y_null, guided, dtype)
+            d_cur = _official_cfg(d_cur, guided, cfg_scale)
+            x_next = x_cur + (t_next - t_cur) * d_cur
+            if heun and (i < num_steps - 1):
+                # the official decides the corrector's guidance at t_cur
+                d_prime, _, _ = _official_t2i_call(model, x_next, t_next, y, y_null, guided,
+                                                   dtype)
+                d_prime = _official_cfg(d_prime, guided, cfg_scale)
+                x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+def official_t2i_euler_maruyama_sampler(model, latents, y, y_null, num_steps=20, heun=False,
+                                        cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
+                                        path_type="linear"):
+    """The official ``samplers_t2i.euler_maruyama_sampler`` (global-RNG ``randn_like``)."""
+    dtype = latents.dtype
+    t_steps = torch.linspace(1., 0.04, num_steps, dtype=torch.float64)
+    t_steps = torch.cat([t_steps, torch.tensor([0.], dtype=torch.float64)])
+    x_next = latents.to(torch.float64)
+
+    def drift(x_cur, t_cur):
+        guided = cfg_scale > 1.0 and t_cur <= guidance_high and t_cur >= guidance_low
+        v, model_input, time_input = _official_t2i_call(model, x_cur, t_cur, y, y_null, guided,
+                                                        dtype)
+        s = _official_score(v, model_input, time_input, path_type)
+        return _official_cfg(v - 0.5 * (2 * t_cur) * s, guided, cfg_scale)
+
+    with torch.no_grad():
+        for t_cur, t_next in zip(t_steps[:-2], t_steps[1:-1]):
+            dt = t_next - t_cur
+            x_cur = x_next
+            diffusion = 2 * t_cur
+            eps = torch.randn_like(x_cur).to(x_cur.device)  # before the model call
+            deps = eps * torch.sqrt(torch.abs(dt))
+            x_next = x_cur + drift(x_cur, t_cur) * dt + torch.sqrt(diffusion) * deps
+        t_cur, t_next = t_steps[-2], t_steps[-1]
+        x_cur = x_next
+        return x_cur + (t_next - t_cur) * drift(x_cur, t_cur)

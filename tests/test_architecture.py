@@ -28,7 +28,8 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"vae"},
     "evaluation": set(),
     "distributed": set(),
-    "generation": {"models", "transport", "diffusion", "vae", "training.checkpoint_files"},
+    "generation": {"models", "transport", "diffusion", "vae", "data",
+                   "training.checkpoint_files"},
     "training": {"kernels", "ops", "models", "transport", "diffusion", "encoders", "vae",
                  "data", "generation", "distributed"},
 }

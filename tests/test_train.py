@@ -50,7 +50,9 @@ def test_demo_trains_logs_checkpoints_and_samples(tmp_path):
 
 @pytest.mark.parametrize("model", [pytest.param([], id="SiT"),
                                    pytest.param(["--model", "DiT-T/4", "--report-to", "none"],
-                                                id="DiT")])
+                                                id="DiT"),
+                                   pytest.param(["--preset", "demo-t2i", "--exp-name", "demo",
+                                                 "--report-to", "none"], id="MMDiT")])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, model):
     assert main(demo_args(tmp_path / "a", *model)) == 0
     assert main(demo_args(tmp_path / "b", "--max-train-steps", "3", *model)) == 0

@@ -43,10 +43,12 @@ def losses(out):
 
 
 DIT = ("--model", "DiT-T/4")  # DiT's Gaussian diffusion + REPA in the same loop
+T2I = ("--preset", "demo-t2i", "--exp-name", "demo")  # text-to-image MMDiT, captioned shapes
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, model", [(2, ()), (3, ()), pytest.param(3, DIT, id="3-DiT")])
+@pytest.mark.parametrize("stage, model", [(2, ()), (3, ()), pytest.param(3, DIT, id="3-DiT"),
+                                          pytest.param(2, T2I, id="2-MMDiT")])
 def test_zero_save_and_exact_resume(tmp_path, stage, model):
     config = str(CONFIGS / f"zero{stage}.json")
     run(tmp_path / "full", "--max-train-steps", "4", "--ds_config", config, *model)
@@ -58,9 +60,12 @@ def test_zero_save_and_exact_resume(tmp_path, stage, model):
     ckpt = torch.load(tmp_path / "full" / "demo" / "checkpoints" / "0000004.pt", weights_only=True)
     from repa_fast.training.build import build_model
     from repa_fast.training.config import TrainConfig, PRESETS
-    demo = dict(PRESETS["demo"], **({"model": model[1]} if model else {}))
-    built = build_model(TrainConfig(**demo), 3, 32, [64])  # SiT-T/4 or DiT-T/4, demo encoder
-    assert type(built).__name__ == ("DiT" if model else "SiT")
+    if model == T2I:  # MMDiT-d4/4 on the demo's 64-wide caption features
+        built = build_model(TrainConfig(**PRESETS["demo-t2i"]), 3, 32, [64], context_dim=64)
+    else:
+        demo = dict(PRESETS["demo"], **({"model": model[1]} if model else {}))
+        built = build_model(TrainConfig(**demo), 3, 32, [64])  # SiT-T/4 or DiT-T/4
+    assert type(built).__name__ == {(): "SiT", DIT: "DiT", T2I: "MMDiT"}[model]
     built.load_state_dict(ckpt["model"])
     assert (tmp_path / "full" / "demo" / "checkpoints" / "deepspeed" / "0000004").is_dir()
     # one process without DeepSpeed gives the same losses (fp32)
@@ -114,7 +119,8 @@ def launch(out, launcher, *extra):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher, model", [("deepspeed", ()), ("torchrun", ()),
-                                             pytest.param("torchrun", DIT, id="torchrun-DiT")])
+                                             pytest.param("torchrun", DIT, id="torchrun-DiT"),
+                                             pytest.param("torchrun", T2I, id="torchrun-MMDiT")])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, launcher, model):
     """Random draws are made per global batch and sliced per rank, so 2 processes of 4
     samples train exactly like 1 process of 8 (up to fp32 reduction order); for DiT too (DDP,

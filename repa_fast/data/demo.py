@@ -31,16 +31,19 @@ def draw(label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
     image[:] = rng.uniform(0, 60, 3)
     r = rng.uniform(0.22, 0.36) * size
     cy, cx = rng.uniform(r, size - r, 2)
+    image[shape_mask(shape, cy, cx, r, size)] = colour * rng.uniform(0.8, 1.0)
+    return np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+
+
+def shape_mask(shape: str, cy: float, cx: float, r: float, size: int) -> np.ndarray:
+    """bool [size, size]: the pixels (centres) inside ``shape`` of radius ``r`` at (cy, cx)."""
     y, x = np.mgrid[:size, :size] + 0.5
     if shape == "disc":
-        inside = (y - cy) ** 2 + (x - cx) ** 2 <= r ** 2
-    elif shape == "square":
-        inside = (abs(y - cy) <= r * 0.85) & (abs(x - cx) <= r * 0.85)
-    else:  # upward triangle
-        inside = (y <= cy + r * 0.8) & (abs(x - cx) <= (y - (cy - r)) * 0.6)
-        inside &= y >= cy - r
-    image[inside] = colour * rng.uniform(0.8, 1.0)
-    return np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+        return (y - cy) ** 2 + (x - cx) ** 2 <= r ** 2
+    if shape == "square":
+        return (abs(y - cy) <= r * 0.85) & (abs(x - cx) <= r * 0.85)
+    # upward triangle
+    return (y <= cy + r * 0.8) & (abs(x - cx) <= (y - (cy - r)) * 0.6) & (y >= cy - r)
 
 
 def make_demo_dataset(dest: str, num_samples: int = 2400, size: int = 32, seed: int = 0,

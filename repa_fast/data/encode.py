@@ -22,11 +22,16 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
 
 
 def process_entry(source: Source, entry: Entry, resolution: int, image_format: str,
-                  quality: int) -> tuple[Entry, Optional[bytes], Optional[np.ndarray], Optional[str]]:
+                  quality: int
+                  ) -> tuple[Entry, Optional[bytes], Optional[np.ndarray], Optional[str]]:
     """``(entry, image bytes, pixels, error)``: cropped and encoded, or why it was skipped.
 
-    Official REPA folders keep their stored PNG bytes (already cropped) and need no pixels.
+    Official REPA and U-ViT folders keep their stored PNG bytes (already cropped) and need no
+    pixels. An entry its source skips (``Source.problem``) is not read.
     """
+    problem = source.problem(entry)
+    if problem:
+        return entry, None, None, problem
     try:
         if entry.latent is not None:
             data = source.read(entry)

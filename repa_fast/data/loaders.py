@@ -2,7 +2,14 @@
 
 Both yield ``(images uint8 [B, 3, H, W], moments float32 [B, 2·C, H/8, W/8], labels int64
 [B])`` like the official dataset, and both follow the same sample order, computed in
-:mod:`repa_fast.data.samples`:
+:mod:`repa_fast.data.samples`. A text-to-image set (``loader.text_to_image``) yields
+``(images, moments, contexts [B, L, D], caption int64 [B])`` instead: the text features of
+one caption per sample (the set's dtype, float32 for CLIP) and which of the sample's captions
+it is, chosen from (seed, epoch, position in the epoch's global order) as
+:mod:`repa_fast.data.captions` says, so the choice too is the same for both loaders, any
+number of processes, and a resumed run. (The official ``CFGDataset`` replaces a caption by
+the empty one with probability ``p_uncond`` in the loader; here that is the training step's
+work, on the device: :func:`repa_fast.data.empty_context` gives the empty context.)
 
     epoch e:  perm = permutation of all N samples drawn from (seed, e)   (identity if not shuffled)
               padded to a multiple of world_size with its own first samples (every sample is
@@ -17,11 +24,11 @@ DALI: the order is fed through a parallel ``fn.external_source`` — reader proc
 (``py_start_method="spawn"``: safe next to CUDA) read the encoded bytes at their byte offsets
 in the shards and the moments, so the training process does no file reading —, into
 ``fn.decoders.image(device='mixed')`` (nvJPEG on the GPU), or ``device='cpu'`` without a GPU.
-On a GPU the images and moments come out as device tensors and the labels in pinned host
-memory: ``.to(device, non_blocking=True)`` never waits. ``num_workers=0`` reads in the
-training process instead (no reader processes to start). DALI's own ``readers.webdataset``
-cannot reproduce a seeded global shuffle or resume mid-epoch, which is why the order is not
-left to it.
+On a GPU the images, moments and contexts come out as device tensors and the labels (caption
+indices) in pinned host memory: ``.to(device, non_blocking=True)`` never waits.
+``num_workers=0`` reads in the training process instead (no reader processes to start).
+DALI's own ``readers.webdataset`` cannot reproduce a seeded global shuffle or resume
+mid-epoch, which is why the order is not left to it.
 
 Damaged data (details in :mod:`repa_fast.data.samples`): shards are checked against their
 ``index.json`` checksums when first opened (hashed once per machine and file version: the
@@ -57,6 +64,7 @@ import numpy as np
 import torch
 
 from .child_process import SignalGuard
+from .captions import batch_draws
 from .samples import (BadSampleError, BadSampleWarning, DALIBatchSource, SampleTable,
                       batches_per_epoch, check_image_header, decode_latent, decode_pixels,
                       epoch_order, read_batch, read_counts, scan_tar)
@@ -83,7 +91,7 @@ class LoaderConfig:
                                     # min(num_workers, MAX_READERS) reader processes (0: none)
     backend: str = "auto"
     device: Optional[str] = None    # where DALI decodes: "cuda:N" (mixed) or "cpu"; default auto
-    return_keys: bool = False       # also yield the batch's sample keys (tests, debugging)
+    return_keys: bool = False       # also yield the batch's sample keys, last (tests, debugging)
     on_bad_sample: str = "error"    # "error": raise; "skip": replace, warn, count (module doc)
     verify_shards: bool = True      # hash each shard when first opened (False: size only)
 
@@ -127,6 +135,7 @@ class _Loader:
         self.epoch, self.batch = 0, 0
         first = self.table.index
         self.resolution, self.num_classes = first["resolution"], first["num_classes"]
+        self.text_to_image = self.table.t2i  # batches hold contexts and captions (module doc)
         self.skipped_samples = 0   # bad samples replaced in the batches yielded so far
         self._warned: set = set()  # (shard,) or (shard, key): warned once each
 
@@ -208,13 +217,13 @@ class TorchLoader(_Loader):
                 # Ctrl-C / SIGTERM to the process group: training saves first, then stops
                 # the workers (SignalGuard: they leave on SIGTERM once it is released)
                 worker_init_fn=guard)
-            for epoch, batch, images, moments, labels, keys, bad in loader:
+            for epoch, batch, images, moments, conditions, keys, bad in loader:
                 if isinstance(bad, OSError):  # a worker's read error, raised here
                     raise bad
                 self._bad_samples(bad)
                 self._advance(epoch, batch)
-                yield ((images, moments, labels, keys) if c.return_keys
-                       else (images, moments, labels))
+                out = (images, moments, *conditions)
+                yield out + (keys,) if c.return_keys else out
         finally:
             guard.release()
             atexit.unregister(guard.release)
@@ -236,10 +245,12 @@ class _BatchDataset(torch.utils.data.IterableDataset):
         for n, (epoch, batch, order, start) in enumerate(batches):
             if n % workers != worker:
                 continue
+            c = self.config
+            draws = (batch_draws(c.seed, epoch, c.rank, c.world_size, start, c.batch_size)
+                     if self.table.t2i else None)
             try:
-                ids, pixels, moments, bad = read_batch(self.table, order, start,
-                                                       self.config.batch_size, handles,
-                                                       decode_pixels)
+                ids, pixels, moments, conditions, bad = read_batch(
+                    self.table, order, start, c.batch_size, handles, decode_pixels, draws)
             except OSError as error:
                 if info is None:
                     raise
@@ -250,15 +261,17 @@ class _BatchDataset(torch.utils.data.IterableDataset):
                 yield epoch, batch, None, None, None, None, error
                 return
             images = [torch.from_numpy(p).permute(2, 0, 1) for p in pixels]
+            conditions = (tuple(torch.from_numpy(a) for a in conditions) if self.table.t2i
+                          else (torch.from_numpy(conditions),))
             yield (epoch, batch, torch.stack(images),
-                   torch.stack([torch.from_numpy(m) for m in moments]),
-                   torch.from_numpy(self.table.label[ids].copy()),
+                   torch.stack([torch.from_numpy(m) for m in moments]), conditions,
                    [f"{k:08d}" for k in self.table.key[ids]], bad)
 
 
 def dali_problem() -> Optional[str]:
     """Why the DALI backend cannot run here (None when it can)."""
-    if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
+    find = importlib.util.find_spec
+    if find("nvidia") is None or find("nvidia.dali") is None:
         return "nvidia-dali is not installed (pip install 'repa_fast[dali]')"
     return None
 
@@ -288,27 +301,39 @@ class DALILoader(_Loader):
         from nvidia.dali import fn, pipeline_def, types
 
         gpu = self.device.type == "cuda"
+        t2i = self.table.t2i
         # shared-memory (/dev/shm) slots, one batch each, readers + 3 of them: sized for a
         # typical batch from the start (DALI enlarges a slot a batch does not fit)
-        hint = int(1.25 * (self.table.image_size + self.table.latent_size).mean()) + 1024
+        per_sample = self.table.image_size + self.table.latent_size
+        if t2i:
+            (length, width), context_dtype = self.table.context_spec
+            per_sample = per_sample + length * width * context_dtype.itemsize
+        hint = int(1.25 * per_sample.mean()) + 1024
+        outputs = ["encoded", "moments"] + (["contexts", "captions"] if t2i else ["labels"]) \
+            + ["positions", "notes"]
+        dtypes = [types.UINT8, types.FLOAT] + (
+            [types.to_dali_type(context_dtype), types.INT64] if t2i else [types.INT64]) + \
+            [types.INT64, types.UINT8]
 
-        @pipeline_def(batch_size=self.config.batch_size, num_threads=max(1, self.config.num_workers),
+        @pipeline_def(batch_size=self.config.batch_size,
+                      num_threads=max(1, self.config.num_workers),
                       device_id=self.device.index if gpu else None, prefetch_queue_depth=2,
                       exec_dynamic=True, py_num_workers=self.readers, py_start_method="spawn")
         def pipeline():
             # every reader makes a whole batch; a batch more than readers is kept under way
             parallel = dict(parallel=True, prefetch_queue_depth=self.readers + 1,
                             bytes_per_sample_hint=hint)
-            encoded, moments, labels, positions, notes = fn.external_source(
-                source=source, num_outputs=5, batch=True, batch_info=True,
-                dtype=[types.UINT8, types.FLOAT, types.INT64, types.INT64, types.UINT8],
-                **(parallel if self.readers else {}))
-            images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu",
+            out = dict(zip(outputs, fn.external_source(
+                source=source, num_outputs=len(outputs), batch=True, batch_info=True,
+                dtype=dtypes, **(parallel if self.readers else {}))))
+            images = fn.decoders.image(out.pop("encoded"), device="mixed" if gpu else "cpu",
                                        output_type=types.RGB)
             images = fn.transpose(images, perm=[2, 0, 1])  # HWC -> CHW like the official loader
-            if gpu:
-                moments = moments.gpu()  # copied ahead of the step, on DALI's stream
-            return images, moments, labels, positions, notes
+            if gpu:  # copied ahead of the step, on DALI's stream
+                out["moments"] = out["moments"].gpu()
+                if t2i:
+                    out["contexts"] = out["contexts"].gpu()
+            return (images, *out.values())
 
         pipe = pipeline()
         try:
@@ -343,8 +368,8 @@ class DALILoader(_Loader):
             while True:
                 stream = torch.cuda.current_stream(self.device) if gpu else None
                 try:  # on the GPU: outputs ordered on the training stream, no host wait
-                    images, moments, labels, positions, notes = (pipe.run(stream) if gpu
-                                                                 else pipe.run())
+                    images, moments, *conditions, positions, notes = (pipe.run(stream) if gpu
+                                                                      else pipe.run())
                 except Exception as error:
                     self._diagnose(error)
                     raise
@@ -353,8 +378,13 @@ class DALILoader(_Loader):
                 epoch, batch = int(positions[0, 0]), int(positions[0, 1])
                 self._advance(epoch, batch)
                 self.reader_pids.update(positions[:, 3].tolist())
-                out = (_as_torch(images, self.pin, stream), _as_torch(moments, self.pin, stream),
-                       _as_torch(labels, self.pin).reshape(-1))
+                out = (_as_torch(images, self.pin, stream), _as_torch(moments, self.pin, stream))
+                if self.text_to_image:
+                    contexts, captions = conditions
+                    out += (_as_torch(contexts, self.pin, stream),
+                            _as_torch(captions, self.pin).reshape(-1))
+                else:
+                    out += (_as_torch(conditions[0], self.pin).reshape(-1),)
                 if c.return_keys:
                     out += ([f"{int(k):08d}" for k in positions[:, 2]],)
                 yield out

@@ -23,6 +23,22 @@ One run per --dest: ``.prepare.lock`` names the pid and host of the run holding 
 of a run that died (``kill -9``, a crash) is taken over with a message, a live one is
 refused with its pid. Worker processes exit within a second of their parent's death.
 Errors are one line (``repa_fast.errors``): exit 2 for usage, 1 for the machine's.
+
+Text-to-image sets (the official ``train_t2i.py``'s MS-COCO data, U-ViT's protocol)::
+
+    python -m repa_fast.data.prepare --source coco/train2014 \
+        --captions coco/annotations/captions_train2014.json \
+        --text-encoder ckpts/clip-vit-large-patch14 --vae ckpts/sd-vae-ft-ema --dest data/coco256
+
+crops and encodes each image of the captions file (sorted by image id, as U-ViT numbered
+them) like an image set, encodes each of its captions with CLIP ViT-L/14's text model (a local
+folder, :class:`~repa_fast.data.text_encoders.CLIPTextEncoder`: [77, 768] per caption) and
+the empty caption once (``empty_context.npy``), and writes captioned shards
+(:mod:`repa_fast.data.shards`); images without a caption are skipped and reported. A folder
+already preprocessed by U-ViT's scripts (``{i}.png``, ``{i}.npy``, ``{i}_{k}.npy``, and
+``empty_context.npy`` there or in its parent) given as ``--source`` is converted as is, with
+no VAE or text encoder (``--captions`` then only adds the caption texts, which U-ViT does not
+store). Locks, resuming, ``--restart`` and the report work as for image sets.
 """
 from __future__ import annotations
 
@@ -47,9 +63,10 @@ from ..version import __version__
 from .child_process import exit_with_parent, leave_signals_to_parent
 from .encode import process_entry
 from ..atomic_write import write_json_atomic
-from .shards import (FORMAT, INDEX, DataError, ShardWriter, file_checksum, finished_shard,
-                     read_json, shard_name)
-from .sources import OfficialSource, open_source
+from .captions import empty_context_entry, npy_bytes, t2i_index_fields, write_empty_context
+from .shards import (EMPTY_CONTEXT, FORMAT, FORMATS, INDEX, DataError, ShardWriter,
+                     file_checksum, finished_shard, read_json, shard_name)
+from .sources import CocoSource, OfficialSource, UViTSource, open_source
 
 REPORT = "report.json"
 MANIFEST = "prepare.json"   # what the shards were planned from; a resumed run must match it
@@ -58,8 +75,8 @@ PIXEL_SPACE = "none"        # --vae none: no VAE, the moments are the pixels (as
 PIXEL_IDENTITY = dict(path=None, scaling_factor=1.0, latent_channels=3, fingerprint="pixel space")
 ENCODER_RESOLUTIONS = (256, 512)  # what the default DINOv2 alignment encoders train at
 SHARD_FILE = re.compile(r"shard-\d{6}\.(tar|json)")
-TEMPORARY = re.compile(r"(shard-\d{6}\.(tar|json)|index\.json|report\.json|prepare\.json)"
-                       r"(\.\d+)?\.tmp")
+TEMPORARY = re.compile(r"(shard-\d{6}\.(tar|json)|index\.json|report\.json|prepare\.json|"
+                       r"empty_context\.npy)(\.\d+)?\.tmp")
 
 
 def default_workers() -> int:
@@ -87,6 +104,9 @@ class PrepareConfig:
     device: str = "auto"
     max_images: Optional[int] = None
     restart: bool = False
+    captions: Optional[str] = None       # MS-COCO captions JSON: a text-to-image set
+    text_encoder: Optional[str] = None   # local CLIP text model folder (with --captions)
+    text_batch_size: int = 64
 
     @property
     def pixel_space(self) -> bool:
@@ -102,7 +122,7 @@ class PrepareConfig:
         if not 1 <= self.jpeg_quality <= 100:
             raise UsageError(f"--jpeg-quality must be in [1, 100]; got {self.jpeg_quality}: "
                              f"give e.g. --jpeg-quality 95")
-        for name in ("shard_size", "vae_batch_size"):
+        for name in ("shard_size", "vae_batch_size", "text_batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1; got "
                                  f"{getattr(self, name)}")
@@ -141,14 +161,20 @@ def pixel_moments(pixels: np.ndarray) -> np.ndarray:
 
 
 class _Latents:
-    """Moments per entry: from the VAE, or read from an official folder."""
+    """Moments per entry: from the VAE, or read from an official or U-ViT folder."""
 
     def __init__(self, config: PrepareConfig, source):
         self.source, self.vae, self.identity = source, None, None
+        self.resolution = config.resolution
         if isinstance(source, OfficialSource):
             self.identity = dict(path=os.path.join(os.path.abspath(source.path), "vae-sd"),
                                  scaling_factor=0.18215, latent_channels=4,
                                  fingerprint="official REPA vae-sd files")
+            return
+        if isinstance(source, UViTSource):
+            self.identity = dict(path=os.path.abspath(source.path), scaling_factor=0.18215,
+                                 latent_channels=4, fingerprint="U-ViT MS-COCO moments files "
+                                 "(Stable Diffusion autoencoder_kl.pth)")
             return
         if config.pixel_space:
             self.identity = dict(PIXEL_IDENTITY)
@@ -160,9 +186,13 @@ class _Latents:
         self.identity = vae_identity(self.vae, config.vae)
         self.batch_size = config.vae_batch_size
 
-    def __call__(self, done: list) -> list[bytes]:
+    def __call__(self, done: list) -> list:
+        """The ``.npy`` bytes of each entry's moments (U-ViT folders: or why they cannot be
+        used, a string)."""
         if self.identity.get("fingerprint") == PIXEL_IDENTITY["fingerprint"]:
             return [_npy_bytes(pixel_moments(pixels)) for _, _, pixels in done]
+        if isinstance(self.source, UViTSource):
+            return [self._uvit(entry) for entry, *_ in done]
         if self.vae is None:
             return [self.source.read_latent(entry) for entry, *_ in done]
         import torch
@@ -172,6 +202,65 @@ class _Latents:
         moments = encode_moments(self.vae, pixels.contiguous(), self.batch_size).numpy()
         return [_npy_bytes(m) for m in moments]
 
+    def _uvit(self, entry):
+        want = (8, self.resolution // 8, self.resolution // 8)
+        try:
+            data = self.source.read_latent(entry)
+            moments = np.load(io.BytesIO(data))
+        except (OSError, ValueError, EOFError) as error:
+            return f"its moments {entry.latent} cannot be read: {error}"
+        if moments.dtype != np.float32 or moments.shape != want:
+            return (f"its moments {entry.latent} are {moments.dtype} {list(moments.shape)}, "
+                    f"not float32 {list(want)} (--resolution {self.resolution})")
+        return data
+
+
+class _Contexts:
+    """Captions and their text features per entry: encoded with the CLIP text model
+    (``--captions`` + ``--text-encoder``), or read from a U-ViT folder; and the empty
+    caption's features (``empty``)."""
+
+    def __init__(self, config: PrepareConfig, source):
+        self.source, self.encoder = source, None
+        if isinstance(source, UViTSource):
+            self.identity = dict(name="U-ViT MS-COCO features (CLIP ViT-L/14 text model, "
+                                      "FrozenCLIPEmbedder)", path=os.path.abspath(source.path))
+            empty = source.empty_context()
+            while empty.ndim > 2 and empty.shape[0] == 1:
+                empty = empty[0]
+        else:
+            from .text_encoders import CLIPTextEncoder
+            self.encoder = CLIPTextEncoder(config.text_encoder, device=_device(config.device),
+                                           batch_size=config.text_batch_size)
+            self.identity = self.encoder.identity
+            empty = self.encoder([""])[0]
+        if empty.ndim != 2:
+            raise UsageError(f"the empty context ({getattr(source, 'empty_path', 'encoded')}) "
+                             f"is {list(empty.shape)}, not [L, D]")
+        self.empty = empty
+
+    def __call__(self, done: list) -> list:
+        """``(captions, features [n, L, D])`` per entry, or why it is skipped (a string)."""
+        if self.encoder is None:
+            out = []
+            for entry, *_ in done:
+                try:
+                    captions, features = self.source.read_contexts(entry)
+                except (OSError, ValueError, EOFError) as error:
+                    out.append(f"its caption features cannot be read: {error}")
+                    continue
+                if features.shape[1:] != self.empty.shape or features.dtype != self.empty.dtype:
+                    out.append(f"its caption features are {features.dtype} "
+                               f"{list(features.shape[1:])}, the empty context's "
+                               f"{self.empty.dtype} {list(self.empty.shape)}")
+                    continue
+                out.append((captions, features))
+            return out
+        captions = [self.source.captions[entry.key] for entry, *_ in done]
+        features = self.encoder([c for group in captions for c in group])
+        ends = np.cumsum([len(group) for group in captions])
+        return [(group, part) for group, part in zip(captions, np.split(features, ends[:-1]))]
+
 
 def _shards(entries: list, size: int) -> list[list]:
     return [entries[i:i + size] for i in range(0, len(entries), size)]
@@ -180,21 +269,33 @@ def _shards(entries: list, size: int) -> list[list]:
 def prepare(config: PrepareConfig, progress: bool = True) -> dict:
     """Run the preparation (see module doc); returns the index it wrote."""
     config.check()
-    source = open_source(config.source)
-    if isinstance(source, OfficialSource) and config.pixel_space:
+    source = open_source(config.source, config.captions)
+    stored = isinstance(source, (OfficialSource, UViTSource))  # moments stored: converted
+    if stored and config.pixel_space:
+        what = ("an official REPA folder, converted with its vae-sd/ latents" if isinstance(
+            source, OfficialSource) else "a U-ViT folder, converted with its moments")
         raise UsageError(f"--vae none (pixel space) does not apply to --source "
-                         f"{config.source}: it is an official REPA folder, converted with its "
-                         f"vae-sd/ latents; leave --vae out to convert it, or give an image "
-                         f"folder or zip for pixel space")
-    if not isinstance(source, OfficialSource) and config.vae is None:
+                         f"{config.source}: it is {what}; leave --vae out to convert it, or "
+                         f"give an image folder or zip for pixel space")
+    if not stored and config.vae is None:
         raise UsageError(_MISSING_VAE)
+    if isinstance(source, CocoSource) and not config.text_encoder:
+        raise UsageError("--captions needs --text-encoder: a local folder holding CLIP "
+                         "ViT-L/14's text model and tokenizer (e.g. --text-encoder "
+                         "ckpts/clip-vit-large-patch14)")
+    if config.text_encoder and not isinstance(source, CocoSource):
+        raise UsageError(f"--text-encoder applies to --source image folders with --captions; "
+                         f"--source {config.source} is "
+                         + ("a U-ViT folder, whose stored features are converted as they are"
+                            if isinstance(source, UViTSource) else "not captioned (no "
+                            "--captions)"))
     entries = source.entries[:config.max_images] if config.max_images else source.entries
     if not entries:
         raise UsageError(f"--source {config.source!r} holds no images: give a folder of "
                          f"class subfolders, a zip of them, or an official REPA folder")
     os.makedirs(config.dest, exist_ok=True)
     plan = _shards(entries, config.shard_size)
-    image_format = "png" if isinstance(source, OfficialSource) else config.image_format
+    image_format = "png" if stored else config.image_format
     job = dict(resolution=config.resolution, image_format=image_format,
                quality=config.jpeg_quality)
     with _DestLock(config.dest):
@@ -209,6 +310,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
             except DataError:
                 pass  # damaged: rewritten below
         latents = _Latents(config, source) if old_index is None else None
+        contexts = _Contexts(config, source) if source.t2i and old_index is None else None
         if config.resolution not in ENCODER_RESOLUTIONS:  # said once the run goes ahead
             print(f"prepare: warning: --resolution {config.resolution}: the default DINOv2 "
                   f"alignment encoders train at 256 or 512 px; training at "
@@ -238,9 +340,9 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
                             continue
                         pending.append((entry, data, pixels))
                         if len(pending) == config.vae_batch_size:
-                            _flush(writer, pending, latents, image_format)
+                            _flush(writer, pending, latents, contexts, image_format, skipped)
                             pending = []
-                    _flush(writer, pending, latents, image_format)
+                    _flush(writer, pending, latents, contexts, image_format, skipped)
                     if settings is not None:  # recorded with the first shard, not before
                         write_json_atomic(os.path.join(config.dest, MANIFEST), settings)
                         settings = None
@@ -263,7 +365,13 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
         if settings is not None:  # finished shards of a run that recorded none
             write_json_atomic(os.path.join(config.dest, MANIFEST), settings)
         identity = latents.identity if latents else old_index["vae"]
-        return _write_index(config, source, plan, identity, image_format)
+        text_encoder = None
+        if source.t2i:
+            if not os.path.exists(os.path.join(config.dest, EMPTY_CONTEXT)):
+                contexts = contexts or _Contexts(config, source)
+                write_empty_context(config.dest, contexts.empty)
+            text_encoder = contexts.identity if contexts else old_index["text_encoder"]
+        return _write_index(config, source, plan, identity, image_format, text_encoder)
 
 
 _WORKER: dict = {}
@@ -303,6 +411,10 @@ def _check_manifest(config: PrepareConfig, source, count: int,
                 resolution=config.resolution, image_format=image_format,
                 jpeg_quality=config.jpeg_quality, shard_size=config.shard_size,
                 max_images=config.max_images, vae=vae)
+    if source.t2i:  # only then: the manifests of image sets stay as they were
+        plan.update(captions=os.path.abspath(config.captions) if config.captions else None,
+                    text_encoder=os.path.abspath(config.text_encoder) if config.text_encoder
+                    else None)
     path = os.path.join(config.dest, MANIFEST)
     if not os.path.exists(path) or not _shard_files(config.dest):
         return plan
@@ -327,7 +439,7 @@ def _restart(dest: str) -> None:
     doomed = [n for n in names if TEMPORARY.fullmatch(n)]
     for name in names:
         path = os.path.join(dest, name)
-        if SHARD_FILE.fullmatch(name) or name in (INDEX, REPORT, MANIFEST):
+        if SHARD_FILE.fullmatch(name) or name in (INDEX, REPORT, MANIFEST, EMPTY_CONTEXT):
             why = _not_ours(dest, name)
             if why:
                 raise UsageError(
@@ -338,7 +450,7 @@ def _restart(dest: str) -> None:
     # the index first (a set half deleted must not look complete), then the shards' metadata
     # (which makes them unfinished), the settings last: an interrupted --restart leaves no
     # finished shard without the settings it was made with
-    order = {INDEX: 0, REPORT: 4, MANIFEST: 5}
+    order = {INDEX: 0, EMPTY_CONTEXT: 3, REPORT: 4, MANIFEST: 5}
     doomed.sort(key=lambda n: (order.get(n, 1 if n.endswith(".json") else 2 if
                                          n.endswith(".tar") else 3), n))
     for name in doomed:
@@ -364,8 +476,14 @@ def _not_ours(dest: str, name: str) -> Optional[str]:
         return "is not a regular file"
     if name == INDEX:
         index = _json_dict(path)
-        if index is None or index.get("format") != FORMAT:
-            return f"is not a data set index (format {FORMAT})"
+        if index is None or index.get("format") not in FORMATS:
+            return f"is not a data set index (format {' or '.join(FORMATS)})"
+    elif name == EMPTY_CONTEXT:
+        try:
+            if np.load(path).ndim != 2:
+                return "is not an empty context (features [L, D])"
+        except (OSError, ValueError, EOFError):
+            return "is not a .npy array"
     elif name == REPORT:
         report = _json_dict(path)
         if report is None or "skipped" not in report:
@@ -381,11 +499,12 @@ def _not_ours(dest: str, name: str) -> Optional[str]:
         if meta is None or meta.get("shard") != name[:-len(".json")] + ".tar" \
                 or "samples" not in meta:
             return "is not shard metadata"
-    else:  # a shard: an uncompressed tar of {key}.{jpg,png,latent.npy,cls} members
+    else:  # a shard: an uncompressed tar of {key}.{jpg,png,latent.npy,cls,txt,ctx.npy} members
         try:
             with tarfile.open(path, mode="r:") as tar:
-                for _, member in zip(range(6), tar):
-                    if not re.fullmatch(r"[^/]+\.(jpg|png|latent\.npy|cls)", member.name):
+                for _, member in zip(range(8), tar):
+                    if not re.fullmatch(r"[^/]+\.(jpg|png|latent\.npy|cls|txt|ctx\.npy)",
+                                        member.name):
                         return f"holds {member.name!r}, not a sample of a shard"
         except (OSError, tarfile.TarError) as error:
             return f"is not a shard (tar) file ({error})"
@@ -518,15 +637,28 @@ class _DestLock:
             self.fd = None
 
 
-def _flush(writer: ShardWriter, pending: list, latents: _Latents, image_format: str) -> None:
+def _flush(writer: ShardWriter, pending: list, latents: _Latents,
+           contexts: Optional[_Contexts], image_format: str, skipped: list) -> None:
+    """Write the ``pending`` entries' samples; those that cannot be written (stored moments
+    or features that cannot be used) go to ``skipped``."""
     if not pending:
         return
-    for (entry, data, _), latent in zip(pending, latents(pending)):
-        writer.add(entry.key, data, image_format, latent, entry.label)
+    conditions = contexts(pending) if contexts is not None else [None] * len(pending)
+    for (entry, data, _), latent, condition in zip(pending, latents(pending), conditions):
+        problem = next((p for p in (latent, condition) if isinstance(p, str)), None)
+        if problem is not None:
+            skipped.append(dict(key=entry.key, name=entry.name, error=problem))
+        elif contexts is None:
+            writer.add(entry.key, data, image_format, latent, entry.label)
+        else:
+            captions, features = condition
+            writer.add_captioned(entry.key, data, image_format, latent, captions,
+                                 npy_bytes(features), len(captions), name=entry.name)
 
 
-def _write_index(config: PrepareConfig, source, plan: list, vae: dict, image_format: str) -> dict:
-    shards, skipped, class_counts = [], [], {}
+def _write_index(config: PrepareConfig, source, plan: list, vae: dict, image_format: str,
+                 text_encoder: Optional[dict] = None) -> dict:
+    shards, skipped, class_counts, captions = [], [], {}, 0
     for i in range(len(plan)):
         meta = finished_shard(config.dest, i)
         name = shard_name(i) + ".tar"
@@ -538,10 +670,14 @@ def _write_index(config: PrepareConfig, source, plan: list, vae: dict, image_for
                            checksum=checksum))
         skipped += meta["skipped"]
         for sample in meta["samples"]:
-            class_counts[sample["label"]] = class_counts.get(sample["label"], 0) + 1
+            if source.t2i:
+                captions += sample["num_captions"]
+            else:
+                class_counts[sample["label"]] = class_counts.get(sample["label"], 0) + 1
     write_json_atomic(os.path.join(config.dest, REPORT),
                       dict(num_skipped=len(skipped), skipped=skipped))
-    index = dict(format=FORMAT, tool=f"repa_fast {__version__}", source=os.path.abspath(config.source),
+    index = dict(format=FORMAT, tool=f"repa_fast {__version__}",
+                 source=os.path.abspath(config.source),
                  source_kind=source.kind, resolution=config.resolution, image_format=image_format,
                  num_samples=sum(s["num_samples"] for s in shards), num_skipped=len(skipped),
                  num_classes=(max(class_counts) + 1) if class_counts else 0,
@@ -550,6 +686,9 @@ def _write_index(config: PrepareConfig, source, plan: list, vae: dict, image_for
                  vae=vae, shards=shards, report=REPORT,
                  config={k: v for k, v in asdict(config).items()
                          if k not in ("source", "dest", "restart")})
+    if source.t2i:
+        del index["class_counts"]
+        index.update(t2i_index_fields(empty_context_entry(config.dest), text_encoder, captions))
     write_json_atomic(os.path.join(config.dest, INDEX), index)
     return index
 
@@ -559,8 +698,9 @@ def parse_args(argv=None) -> PrepareConfig:
     p = argparse.ArgumentParser(prog="python -m repa_fast.data.prepare",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--source", required=True, metavar="PATH",
-                   help="image folder (class subfolders), .zip, or official REPA folder "
-                        "(images/ + vae-sd/)")
+                   help="image folder (class subfolders; with --captions: the MS-COCO "
+                        "images), .zip, official REPA folder (images/ + vae-sd/), or U-ViT "
+                        "MS-COCO features folder ({i}.png, {i}.npy, {i}_{k}.npy)")
     p.add_argument("--dest", required=True, metavar="DIR",
                    help="output folder for the shards, index.json, report.json and "
                         "prepare.json")
@@ -571,7 +711,7 @@ def parse_args(argv=None) -> PrepareConfig:
                    help="local SD-VAE folder (diffusers) or weights file whose moments are "
                         "stored; 'none' for pixel space (no VAE: training models the pixels, "
                         "as the demo) (no default: required unless --source is an official "
-                        "REPA folder, whose vae-sd/ latents are used)")
+                        "REPA or U-ViT folder, whose stored latents are used)")
     p.add_argument("--image-format", choices=["jpg", "png"], default=defaults.image_format,
                    help="how the crops are stored: JPEG (4:4:4) or lossless PNG "
                         "(default: %(default)s; official REPA folders keep their PNGs)")
@@ -585,10 +725,23 @@ def parse_args(argv=None) -> PrepareConfig:
     p.add_argument("--vae-batch-size", type=int, metavar="N", default=defaults.vae_batch_size,
                    help="images per VAE encoding batch (default: %(default)s)")
     p.add_argument("--device", metavar="DEVICE", default=defaults.device,
-                   help="VAE device: auto (cuda when available, else cpu), cuda, cuda:1, cpu, "
+                   help="VAE and text encoder device: auto (cuda when available, else "
+                        "cpu), cuda, cuda:1, cpu, "
                         "... (default: %(default)s)")
     p.add_argument("--max-images", type=int, metavar="N", default=defaults.max_images,
                    help="prepare only the first N images of --source (default: all)")
+    p.add_argument("--captions", metavar="JSON", default=defaults.captions,
+                   help="MS-COCO captions file (captions_train2014.json) of the --source "
+                        "images: prepares a text-to-image set (needs --text-encoder); with a "
+                        "U-ViT folder as --source it only adds the caption texts (default: "
+                        "none, an image set)")
+    p.add_argument("--text-encoder", metavar="DIR", default=defaults.text_encoder,
+                   help="local folder of CLIP ViT-L/14's text model and tokenizer "
+                        "(transformers; openai/clip-vit-large-patch14) encoding the --captions "
+                        "(default: none; required with --captions)")
+    p.add_argument("--text-batch-size", type=int, metavar="N",
+                   default=defaults.text_batch_size,
+                   help="captions per text-encoder batch (default: %(default)s)")
     p.add_argument("--restart", action="store_true",
                    help="delete the shards, index, report and settings that an earlier prepare "
                         "run left in --dest (after checking they are prepare's), then start "
@@ -603,7 +756,9 @@ def main(argv=None) -> int:
 
     def body() -> int:
         index = prepare(config)
-        print(f"{index['num_samples']} samples in {len(index['shards'])} shards at "
+        captions = (f" with {index['num_captions']} captions" if "num_captions" in index
+                    else "")
+        print(f"{index['num_samples']} samples{captions} in {len(index['shards'])} shards at "
               f"{config.dest}; {index['num_skipped']} skipped (listed in "
               f"{os.path.join(config.dest, REPORT)})")
         return 0

@@ -7,6 +7,23 @@ extensions)::
     {key}.latent.npy         float32 [2·C, H/8, W/8] SD-VAE moments, concat(mean, std)
     {key}.cls                the class index, ASCII
 
+A text-to-image set (``index.json``: ``"kind": "text-to-image"``, ``format``
+``repa_fast-webdataset-t2i-v1``, so an older reader refuses it instead of misreading it) has
+no ``.cls``; each sample carries its captions instead::
+
+    {key}.txt                its captions, a JSON list of UTF-8 strings (``null`` for a
+                             caption whose text is unknown: U-ViT folders store features only)
+    {key}.ctx.npy            their text features [n_captions, L, D] (CLIP ViT-L/14: float32
+                             [n, 77, 768], the text model's last hidden state), dtype as produced
+
+and the set stores once, next to ``index.json``, ``empty_context.npy``: the features [L, D]
+of the empty caption (classifier-free guidance's unconditional branch), written atomically
+and recorded in ``index.json`` (``empty_context``: name, size, CRC-32, like a shard).
+``index.json`` also records ``context``: ``{"shape": [L, D], "dtype": "float32"}``, the text
+encoder (``text_encoder``) and the number of captions (``num_captions``); ``label_range`` is
+null. The shard metadata records per sample the byte ranges of ``captions`` and ``context``
+and ``num_captions``.
+
 ``shard-NNNNNN.tar`` is written as ``.tar.tmp`` and renamed when complete, together with
 ``shard-NNNNNN.json`` (its samples, their byte offsets inside the tar, and the inputs that
 were skipped), so a crash never leaves a half-written shard that looks finished and a
@@ -54,6 +71,10 @@ from ..errors import UsageError
 
 INDEX = "index.json"
 FORMAT = "repa_fast-webdataset-v1"
+FORMAT_T2I = "repa_fast-webdataset-t2i-v1"   # text-to-image sets (module doc)
+FORMATS = (FORMAT, FORMAT_T2I)
+KIND_T2I = "text-to-image"
+EMPTY_CONTEXT = "empty_context.npy"
 
 
 CHUNK = 4 << 20  # bytes hashed at a time
@@ -125,6 +146,27 @@ class ShardWriter:
         self.samples.append(dict(key=key, label=int(label), ext=image_ext,
                                  image=image_at, latent=latent_at))
 
+    def add_captioned(self, key: str, image: bytes, image_ext: str, latent: bytes,
+                      captions: list, context: bytes, num_captions: int,
+                      name: Optional[str] = None) -> None:
+        """A text-to-image sample: ``captions`` (strings, or None where unknown) and
+        ``context``, the ``.npy`` bytes of their features [n, L, D]; ``name``: where the
+        image came from (e.g. the COCO file name), recorded in the metadata."""
+        if len(captions) != num_captions or num_captions < 1:
+            raise ValueError(f"sample {key}: {len(captions)} captions for {num_captions} "
+                             f"contexts; each sample needs one context per caption, at least "
+                             f"one")
+        image_at = self._add(f"{key}.{image_ext}", image)
+        latent_at = self._add(f"{key}.latent.npy", latent)
+        text = json.dumps(list(captions), ensure_ascii=False).encode("utf-8")
+        captions_at = self._add(f"{key}.txt", text)
+        context_at = self._add(f"{key}.ctx.npy", context)
+        sample = dict(key=key, ext=image_ext, image=image_at, latent=latent_at,
+                      captions=captions_at, context=context_at, num_captions=int(num_captions))
+        if name is not None:
+            sample["name"] = name
+        self.samples.append(sample)
+
     def commit(self, skipped: list[dict]) -> dict:
         """Close, flush to disk, and publish the shard and its metadata (the metadata last:
         a shard counts as finished only when both exist)."""
@@ -175,10 +217,34 @@ def read_index(directory: str) -> dict:
         raise FileNotFoundError(f"no {INDEX} in {directory!r}: prepare the dataset first with "
                                 f"python -m repa_fast.data.prepare --source ... --dest {directory}")
     index = read_json(path, "data set index")
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
+    if not isinstance(index, dict) or index.get("format") not in FORMATS:
         found = index.get("format") if isinstance(index, dict) else type(index).__name__
-        raise DataError(f"{path} has format {found!r}; expected {FORMAT!r}")
+        raise DataError(f"{path} has format {found!r}; expected {FORMAT!r} (or "
+                        f"{FORMAT_T2I!r}, text-to-image)")
+    if (index["format"] == FORMAT_T2I) != (index.get("kind") == KIND_T2I):
+        raise DataError(f"{path}: format {index['format']!r} and kind {index.get('kind')!r} "
+                        f"disagree; {REDO_INDEX}")
     return index
+
+
+def is_text_to_image(index: dict) -> bool:
+    """Whether ``index`` (``index.json``) is a captioned, text-to-image set."""
+    return index.get("kind") == KIND_T2I
+
+
+def write_file_atomic(directory: str, name: str, data: bytes) -> dict:
+    """``data`` under ``directory/name``, atomically; its ``index.json`` entry (name, size,
+    CRC-32)."""
+    path = os.path.join(directory, name)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dict(name=name, size=len(data), checksum=crc32_text(zlib.crc32(data)))
 
 
 def verify_shard(directory: str, entry: dict, full: bool = True,
@@ -305,8 +371,11 @@ def label_range(data_dir: str) -> Optional[tuple[int, int]]:
     """``(min, max)`` class label of the prepared data set in ``data_dir``: from
     ``index.json`` (``label_range``; ``class_counts`` in indexes of older versions), else
     from the labels in the shards' ``.json`` metadata. None when neither exists (shards made
-    by another tool, read only by scanning whole tars) or the set is empty."""
+    by another tool, read only by scanning whole tars), the set is empty, or it is a
+    text-to-image set (it has no labels)."""
     index = read_index(data_dir)
+    if is_text_to_image(index):
+        return None
     if index.get("label_range"):
         low, high = index["label_range"]
         return int(low), int(high)

@@ -1,4 +1,6 @@
-"""Inputs of dataset preparation: an image folder, a zip, or an official REPA folder.
+"""Inputs of dataset preparation: an image folder, a zip, or an official REPA folder; for
+text-to-image sets an image folder with an MS-COCO captions JSON, or a folder preprocessed by
+U-ViT's MS-COCO scripts.
 
 Every source lists its entries in a fixed order (sorted paths, as the official
 ``dataset_tools.py``) with labels from ``dataset.json`` when present, else from the sorted
@@ -20,13 +22,16 @@ from __future__ import annotations
 
 import abc
 import heapq
+import io
 import json
 import os
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 from PIL import Image
 
 from ..errors import UsageError
@@ -133,9 +138,15 @@ class Source(abc.ABC):
         self.path = path
         self.entries: list[Entry] = []
 
+    t2i = False  # a text-to-image source: captions per entry (CocoSource, UViTSource)
+
     @abc.abstractmethod
     def read(self, entry: Entry) -> bytes:
         """The entry's file as stored (encoded image bytes)."""
+
+    def problem(self, entry: Entry) -> Optional[str]:
+        """Why ``entry`` is skipped before its image is read (reported), or None."""
+        return None
 
     def open_image(self, entry: Entry) -> Image.Image:
         import io
@@ -169,7 +180,8 @@ class ZipSource(Source):
         super().__init__(path)
         with zipfile.ZipFile(path) as z:
             names = sorted(n for n in z.namelist() if _is_image(n))
-            listed = _listed_labels(z.read("dataset.json")) if "dataset.json" in z.namelist() else None
+            listed = (_listed_labels(z.read("dataset.json")) if "dataset.json" in z.namelist()
+                      else None)
         self.entries = [Entry(f"{i:08d}", n, lab)
                         for i, (n, lab) in enumerate(zip(names, _labels(names, listed)))]
         self._zip = None
@@ -212,12 +224,178 @@ class OfficialSource(FolderSource):
             return f.read()
 
 
-def open_source(path: str) -> Source:
-    """The source at ``path``: an official REPA folder, a zip, or an image folder."""
+def read_coco_captions(path: str) -> tuple[list[tuple[int, str]], dict[int, list[str]]]:
+    """``([(image id, file name)] sorted by id, {image id: [captions]})`` of an MS-COCO
+    captions file (``captions_train2014.json``: ``images`` [{id, file_name}], ``annotations``
+    [{image_id, caption}]); each image's captions in the file's order, as ``pycocotools``
+    gives them (and U-ViT numbered their features)."""
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+        images = sorted((int(i["id"]), str(i["file_name"])) for i in data["images"])
+        captions: dict[int, list[str]] = {}
+        for note in data["annotations"]:
+            captions.setdefault(int(note["image_id"]), []).append(str(note["caption"]))
+    except FileNotFoundError:
+        raise UsageError(f"--captions {path!r} does not exist: give an MS-COCO captions file "
+                         f"such as annotations/captions_train2014.json") from None
+    except (ValueError, KeyError, TypeError) as error:  # JSON, a missing key, a wrong type
+        raise UsageError(f"--captions {path}: not an MS-COCO captions file (images [{{id, "
+                         f"file_name}}], annotations [{{image_id, caption}}]): "
+                         f"{type(error).__name__}: {error}") from None
+    return images, captions
+
+
+class CocoSource(Source):
+    """MS-COCO images (``--source``, e.g. ``train2014/``) with their captions (``--captions``
+    JSON): one entry per image of the JSON, sorted by image id (U-ViT's order, so entry i
+    is U-ViT's ``{i}.png``); an image without captions is skipped and reported."""
+
+    kind = "coco"
+    t2i = True
+
+    def __init__(self, path: str, captions_path: str):
+        super().__init__(path)
+        if not os.path.isdir(path):
+            raise UsageError(f"--source {path!r} must be the folder of the MS-COCO images "
+                             f"(e.g. train2014/) when --captions is given")
+        images, captions = read_coco_captions(captions_path)
+        self.captions_path = captions_path
+        self.entries = [Entry(f"{i:08d}", name, 0) for i, (_, name) in enumerate(images)]
+        self.captions = {f"{i:08d}": captions.get(image_id, [])
+                         for i, (image_id, _) in enumerate(images)}
+        self.uncaptioned = {k for k, c in self.captions.items() if not c}
+
+    def __getstate__(self):  # workers need no captions (400 000 for COCO train)
+        return {**self.__dict__, "captions": {}}
+
+    def read(self, entry: Entry) -> bytes:
+        with open(os.path.join(self.path, entry.name), "rb") as f:
+            return f.read()
+
+    def problem(self, entry: Entry) -> Optional[str]:
+        if entry.key in self.uncaptioned:
+            return f"has no caption in {self.captions_path}"
+        return None
+
+
+_UVIT_MOMENTS, _UVIT_CONTEXT = re.compile(r"(\d+)\.npy"), re.compile(r"(\d+)_(\d+)\.npy")
+UVIT_EMPTY = "empty_context.npy"
+
+
+def is_uvit_folder(path: str) -> bool:
+    """Whether ``path`` is a split folder of U-ViT's MS-COCO features (``{i}.png``,
+    ``{i}.npy``, ``{i}_{k}.npy``)."""
+    if not os.path.isdir(path):
+        return False
+    names = os.listdir(path)
+    return any(_UVIT_CONTEXT.fullmatch(n) for n in names) and \
+        any(_UVIT_MOMENTS.fullmatch(n) for n in names)
+
+
+class UViTSource(Source):
+    """A split folder made by U-ViT's ``scripts/extract_mscoco_feature.py`` (with the images
+    the official REPA data has): ``{i}.png`` the 256 px crop, ``{i}.npy`` its SD-VAE moments
+    [8, 32, 32], ``{i}_{k}.npy`` caption k's CLIP features [77, 768]; ``empty_context.npy``
+    in the folder or its parent (U-ViT's root). Converted as is: nothing is re-encoded.
+    The caption texts are not in such a folder: given ``captions_path`` (the COCO JSON of the
+    same split) they are taken from it, else stored as unknown (null)."""
+
+    kind = "uvit"
+    t2i = True
+
+    def __init__(self, path: str, captions_path: Optional[str] = None):
+        super().__init__(path)
+        names = os.listdir(path)
+        counts: dict[int, set] = {}
+        moments = {int(m.group(1)) for m in map(_UVIT_MOMENTS.fullmatch, names) if m}
+        for m in filter(None, map(_UVIT_CONTEXT.fullmatch, names)):
+            counts.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+        pngs = {n for n in names if n.endswith(".png")}
+        total = max(moments | set(counts)) + 1
+        self.problems: dict[str, str] = {}
+        self.num_captions: dict[str, int] = {}
+        for i in range(total):
+            key, found = f"{i:08d}", counts.get(i, set())
+            self.entries.append(Entry(key, f"{i}.png", 0, f"{i}.npy"))
+            self.num_captions[key] = len(found)
+            missing = [n for n, ok in ((f"{i}.png", f"{i}.png" in pngs),
+                                       (f"{i}.npy", i in moments),
+                                       (f"{i}_0.npy", bool(found))) if not ok]
+            if missing:
+                self.problems[key] = f"lacks {', '.join(missing)} in {path}"
+            elif found != set(range(len(found))):
+                gap = min(set(range(len(found))) - found)
+                self.problems[key] = f"has {len(found)} caption features but not {i}_{gap}.npy"
+        self.texts: dict[str, list] = {}
+        if captions_path:
+            images, captions = read_coco_captions(captions_path)
+            if len(images) != total:
+                raise UsageError(f"--captions {captions_path} lists {len(images)} images, the "
+                                 f"U-ViT folder {path} {total}: not the same split")
+            for i, (image_id, _) in enumerate(images):
+                key = f"{i:08d}"
+                if key not in self.problems and len(captions.get(image_id, [])) != \
+                        self.num_captions[key]:
+                    raise UsageError(
+                        f"--captions {captions_path}: image {image_id} has "
+                        f"{len(captions.get(image_id, []))} captions, {path}/{i}_*.npy "
+                        f"{self.num_captions[key]}: not the file these features came from")
+                self.texts[key] = captions.get(image_id, [])
+        candidates = [os.path.join(path, UVIT_EMPTY),
+                      os.path.join(os.path.dirname(os.path.abspath(path)), UVIT_EMPTY)]
+        self.empty_path = next((c for c in candidates if os.path.exists(c)), None)
+        if self.empty_path is None:
+            raise UsageError(f"the U-ViT folder {path} has no {UVIT_EMPTY} (looked for "
+                             f"{candidates[0]} and {candidates[1]}): the empty caption's "
+                             f"features, made by U-ViT's scripts/extract_empty_feature.py")
+
+    def __getstate__(self):  # workers read images only
+        return {**self.__dict__, "texts": {}}
+
+    def read(self, entry: Entry) -> bytes:
+        with open(os.path.join(self.path, entry.name), "rb") as f:
+            return f.read()
+
+    def problem(self, entry: Entry) -> Optional[str]:
+        return self.problems.get(entry.key)
+
+    def read_latent(self, entry: Entry) -> bytes:
+        """The stored moments [8, h, w] as ``.npy`` bytes (a leading axis of 1 dropped)."""
+        moments = np.load(os.path.join(self.path, entry.latent))
+        while moments.ndim > 3 and moments.shape[0] == 1:
+            moments = moments[0]
+        out = io.BytesIO()
+        np.save(out, np.ascontiguousarray(moments))
+        return out.getvalue()
+
+    def read_contexts(self, entry: Entry):
+        """``(captions, features [n, L, D])`` of ``entry``: the texts (None where unknown)
+        and its ``{i}_{k}.npy`` stacked, dtype as stored."""
+        i, count = int(entry.key), self.num_captions[entry.key]
+        features = [np.load(os.path.join(self.path, f"{i}_{k}.npy")) for k in range(count)]
+        shapes = {f.shape for f in features}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"its caption features {self.path}/{i}_*.npy are "
+                             f"{sorted(shapes)}, not all [L, D]")
+        return self.texts.get(entry.key, [None] * count), np.stack(features)
+
+    def empty_context(self):
+        return np.load(self.empty_path)
+
+
+def open_source(path: str, captions: Optional[str] = None) -> Source:
+    """The source at ``path``: an official REPA folder, a U-ViT MS-COCO folder, a folder of
+    MS-COCO images with ``captions`` (the JSON), a zip, or an image folder."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--source {path!r} does not exist")
+    if is_uvit_folder(path):
+        return UViTSource(path, captions)
+    if captions:
+        return CocoSource(path, captions)
     if os.path.isdir(path):
-        if os.path.isdir(os.path.join(path, "images")) and os.path.isdir(os.path.join(path, "vae-sd")):
+        if os.path.isdir(os.path.join(path, "images")) and \
+                os.path.isdir(os.path.join(path, "vae-sd")):
             return OfficialSource(path)
         return FolderSource(path)
     if zipfile.is_zipfile(path):

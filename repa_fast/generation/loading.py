@@ -1,5 +1,5 @@
-"""Load a SiT or DiT for sampling from an official REPA or DiT checkpoint, one of ours, or a
-bare state dict.
+"""Load a SiT, DiT or MMDiT for sampling from an official REPA or DiT checkpoint, one of ours,
+or a bare state dict.
 
 Where each setting comes from, first match wins:
 
@@ -12,6 +12,12 @@ Where each setting comes from, first match wins:
    DiT with ``learn_sigma`` (the original ``DiT-XL-2-256x256.pt``), anything else a SiT unless
    the name (flag or args) says DiT;
 4. the official default (``num_classes`` 1000, ``encoder_depth`` 8, ``fused_attn``), where it fits.
+
+An MMDiT (text-to-image: ``joint_blocks.*`` in the weights) is read the same way: depth and
+patch size give its name ``MMDiT-d{depth}/{patch}``, and the weights give the caption-feature
+width, ``learn_sigma``, the projectors, q/k norms, SwiGLU, registers and the modulation count;
+it has no classes (guidance uses the empty caption's context). ``rmsnorm`` leaves no trace in
+the weights: it comes from the checkpoint's args (the official ``train_t2i.py`` never sets it).
 
 Whatever is given is checked against the weights, with errors that name the flag. A checkpoint
 is in pixel space when the SiT's ``input_size`` equals the image resolution (the CPU demo:
@@ -28,8 +34,8 @@ from typing import Mapping, Optional
 
 import torch
 
-from ..models import (DiT_models, SiT_models, extract_state_dict, is_legacy_state_dict,
-                      read_checkpoint)
+from ..models import (MMDiT, DiT_models, SiT_models, extract_state_dict,
+                      is_legacy_state_dict, read_checkpoint)
 from ..models.checkpoint import strip_wrapper_prefixes
 from .errors import UsageError
 
@@ -50,6 +56,8 @@ class Weights:
     qk_norm: bool
     label_rows: int
     out_channels: int
+    context_dim: Optional[int] = None  # an MMDiT's caption-feature width (None: SiT or DiT)
+    mmdit_options: tuple = ()          # an MMDiT's constructor options read off the weights
 
     @property
     def learn_sigma(self) -> bool:
@@ -74,19 +82,38 @@ class ModelSpec:
     has_null_class: bool
     path_type: Optional[str]
     learn_sigma: Optional[bool] = None
+    context_dim: Optional[int] = None  # text-to-image (MMDiT): the caption-feature width
+    mmdit_options: tuple = ()
 
     @property
     def pixel_space(self) -> bool:
         return self.input_size == self.resolution
 
     @property
+    def is_t2i(self) -> bool:
+        return self.context_dim is not None
+
+    @property
     def is_dit(self) -> bool:
-        return self.learn_sigma is not None
+        return self.learn_sigma is not None and not self.is_t2i
+
+    @property
+    def model_depth(self) -> int:
+        """An MMDiT name's depth (``MMDiT-d24/2`` -> 24)."""
+        return int(self.model.split("-d")[1].split("/")[0])
+
+    @property
+    def model_patch_size(self) -> int:
+        return int(self.model.rsplit("/", 1)[1])
 
     def to_dict(self) -> dict:
-        record = dict(asdict(self), z_dims=list(self.z_dims), pixel_space=self.pixel_space)
-        if not self.is_dit:  # a SiT's record stays as before DiT existed (resumed runs match)
+        record = dict(asdict(self), z_dims=list(self.z_dims), pixel_space=self.pixel_space,
+                      mmdit_options=dict(self.mmdit_options))
+        # a SiT's record stays as before DiT and MMDiT existed (resumed runs match)
+        if not self.is_dit and not self.is_t2i:
             del record["learn_sigma"]
+        if not self.is_t2i:
+            del record["context_dim"], record["mmdit_options"]
         return record
 
 
@@ -98,8 +125,48 @@ def checkpoint_args(checkpoint: Mapping) -> dict:
     return dict(args) if isinstance(args, Mapping) else {}
 
 
+def _projectors(state_dict: Mapping[str, torch.Tensor]) -> tuple:
+    """(z_dims, projector width or None) of the REPA projectors in a state dict."""
+    projectors = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("projectors.")})
+    z_dims = tuple(int(state_dict[f"projectors.{k}.4.weight"].shape[0]) for k in projectors)
+    return z_dims, (int(state_dict["projectors.0.0.weight"].shape[0]) if projectors else None)
+
+
+def inspect_mmdit(state_dict: Mapping[str, torch.Tensor]) -> Weights:
+    """Read the architecture off an MMDiT state dict (official ``models/mmdit.py`` names)."""
+    for key in ("x_embedder.proj.weight", "pos_embed", "context_embedder.weight",
+                "final_layer.linear.weight"):
+        if key not in state_dict:
+            raise UsageError(f"--ckpt: not an MMDiT checkpoint (no {key!r} in the weights)")
+    hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
+    grid = math.isqrt(state_dict["pos_embed"].shape[1])
+    depth = len({int(k.split(".")[1]) for k in state_dict if k.startswith("joint_blocks.")})
+    z_dims, projector_dim = _projectors(state_dict)
+    x_block = "joint_blocks.0.x_block"
+    mods = int(state_dict[f"{x_block}.adaLN_modulation.1.weight"].shape[0]) // int(hidden)
+    qk = state_dict.get(f"{x_block}.attn.ln_q.weight")
+    qk_norm = None if qk is None else \
+        ("ln" if f"{x_block}.attn.ln_q.bias" in state_dict else "rms")
+    options = dict(qk_norm=qk_norm, swiglu=f"{x_block}.mlp.w1.weight" in state_dict,
+                   scale_mod_only=mods == 4,
+                   qkv_bias=f"{x_block}.attn.qkv.bias" in state_dict,
+                   register_length=int(state_dict["register"].shape[1])
+                   if "register" in state_dict else 0,
+                   adm_in_channels=int(state_dict["y_embedder.mlp.0.weight"].shape[1])
+                   if "y_embedder.mlp.0.weight" in state_dict else None)
+    return Weights(in_channels=int(in_channels), patch_size=int(patch), input_size=grid * patch,
+                   hidden_size=int(hidden), depth=depth, z_dims=z_dims,
+                   projector_dim=projector_dim, qk_norm=qk_norm is not None, label_rows=0,
+                   out_channels=int(state_dict["final_layer.linear.weight"].shape[0])
+                   // int(patch) ** 2,
+                   context_dim=int(state_dict["context_embedder.weight"].shape[1]),
+                   mmdit_options=tuple(sorted(options.items())))
+
+
 def inspect_weights(state_dict: Mapping[str, torch.Tensor]) -> Weights:
-    """Read the architecture off a SiT or DiT state dict."""
+    """Read the architecture off a SiT, DiT or MMDiT state dict."""
+    if any(k.startswith("joint_blocks.") for k in state_dict):
+        return inspect_mmdit(state_dict)
     for key in ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
                 "final_layer.linear.weight"):
         if key not in state_dict:
@@ -108,9 +175,7 @@ def inspect_weights(state_dict: Mapping[str, torch.Tensor]) -> Weights:
     hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
     grid = math.isqrt(state_dict["pos_embed"].shape[1])
     blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")}
-    projectors = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("projectors.")})
-    z_dims = tuple(int(state_dict[f"projectors.{k}.4.weight"].shape[0]) for k in projectors)
-    projector_dim = (int(state_dict["projectors.0.0.weight"].shape[0]) if projectors else None)
+    z_dims, projector_dim = _projectors(state_dict)
     return Weights(in_channels=int(in_channels), patch_size=int(patch), input_size=grid * patch,
                    hidden_size=int(hidden), depth=max(blocks) + 1 if blocks else 0,
                    z_dims=z_dims, projector_dim=projector_dim,
@@ -208,10 +273,9 @@ def _resolve_resolution(flag, saved, weights: Weights) -> int:
     return resolution
 
 
-def resolve_spec(flags: Mapping, args: Mapping, weights: Weights) -> ModelSpec:
-    """Combine flags (None = not given), the checkpoint's args and the weights (module doc)."""
-    model = _resolve_model(flags.get("model"), args.get("model"), weights)
-    num_classes = _resolve_num_classes(flags.get("num_classes"), args.get("num_classes"), weights)
+def _check_head_flags(flags: Mapping, args: Mapping, weights: Weights) -> int:
+    """The encoder depth (flag, args, else min(8, depth)), after checking it and the
+    ``--projector-embed-dims`` / ``--qk-norm`` flags against the weights."""
     encoder_depth = _pick(flags.get("encoder_depth"), args.get("encoder_depth"),
                           min(8, weights.depth))
     if not 1 <= encoder_depth <= weights.depth:
@@ -226,6 +290,44 @@ def resolve_spec(flags: Mapping, args: Mapping, weights: Weights) -> ModelSpec:
     if qk_norm is not None and qk_norm != weights.qk_norm:
         raise UsageError(f"--{'' if qk_norm else 'no-'}qk-norm does not match the checkpoint, "
                          f"whose attention {'has' if weights.qk_norm else 'has no'} q/k norms")
+    return int(encoder_depth)
+
+
+def resolve_mmdit_spec(flags: Mapping, args: Mapping, weights: Weights) -> ModelSpec:
+    """:func:`resolve_spec` for an MMDiT (text-to-image) checkpoint."""
+    name = f"MMDiT-d{weights.depth}/{weights.patch_size}"
+    given = _pick(flags.get("model"), args.get("model"))
+    if given is not None and given != name:
+        source = "--model" if flags.get("model") is not None else "the checkpoint's args.model"
+        raise UsageError(f"{source} {given} does not match the checkpoint's weights (an MMDiT "
+                         f"of depth {weights.depth}, patch size {weights.patch_size}: {name})")
+    if flags.get("num_classes") is not None:
+        raise UsageError(f"--num-classes: {name} is a text-to-image model (no classes); leave "
+                         f"it out")
+    encoder_depth = _check_head_flags(flags, args, weights)
+    resolution = _resolve_resolution(flags.get("resolution"), args.get("resolution"), weights)
+    path_type = _pick(flags.get("path_type"), args.get("path_type"), "linear")
+    if path_type not in ("linear", "cosine"):
+        raise UsageError(f"--path-type must be linear or cosine; the checkpoint's args say "
+                         f"{path_type!r}")
+    options = dict(weights.mmdit_options, rmsnorm=bool(args.get("rmsnorm", False)))
+    return ModelSpec(
+        model=name, num_classes=0, encoder_depth=int(encoder_depth), z_dims=weights.z_dims,
+        projector_dim=weights.projector_dim or 2048, qk_norm=weights.qk_norm,
+        fused_attn=bool(_pick(flags.get("fused_attn"), args.get("fused_attn"), True)),
+        resolution=int(resolution), input_size=weights.input_size,
+        in_channels=weights.in_channels, has_null_class=False, path_type=path_type,
+        learn_sigma=weights.learn_sigma, context_dim=weights.context_dim,
+        mmdit_options=tuple(sorted(options.items())))
+
+
+def resolve_spec(flags: Mapping, args: Mapping, weights: Weights) -> ModelSpec:
+    """Combine flags (None = not given), the checkpoint's args and the weights (module doc)."""
+    if weights.context_dim is not None:
+        return resolve_mmdit_spec(flags, args, weights)
+    model = _resolve_model(flags.get("model"), args.get("model"), weights)
+    num_classes = _resolve_num_classes(flags.get("num_classes"), args.get("num_classes"), weights)
+    encoder_depth = _check_head_flags(flags, args, weights)
     # DiT's train.py records the resolution as args.image_size
     saved_resolution = args.get("resolution", args.get("image_size"))
     resolution = _resolve_resolution(flags.get("resolution"), saved_resolution, weights)
@@ -269,7 +371,15 @@ def build_model(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor],
                   projector_dim=spec.projector_dim, qk_norm=spec.qk_norm,
                   fused_attn=spec.fused_attn, attn_backend=attn_backend, validate_inputs=False)
     with torch.device("meta"):
-        if spec.is_dit:
+        if spec.is_t2i:
+            model = MMDiT(input_size=spec.input_size, patch_size=spec.model_patch_size,
+                          in_channels=spec.in_channels, depth=spec.model_depth,
+                          learn_sigma=spec.learn_sigma, z_dims=list(spec.z_dims),
+                          encoder_depth=spec.encoder_depth, projector_dim=spec.projector_dim,
+                          context_dim=spec.context_dim, fused_attn=spec.fused_attn,
+                          attn_backend=attn_backend, validate_inputs=False,
+                          **dict(spec.mmdit_options))
+        elif spec.is_dit:
             model = DiT_models[spec.model](learn_sigma=spec.learn_sigma, **common)
         else:
             model = SiT_models[spec.model](use_cfg=spec.has_null_class, **common)

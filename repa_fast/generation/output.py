@@ -71,9 +71,11 @@ def ordered_map(fn: Callable, items: Iterable, threads: int, ahead: int) -> Iter
             yield pending.popleft().result()
 
 
-def write_npz_from_pngs(folder: str, num: int, path: str, threads: int = 8) -> tuple:
+def write_npz_from_pngs(folder: str, num: int, path: str, threads: int = 8,
+                        extra: Optional[Mapping[str, np.ndarray]] = None) -> tuple:
     """Pack ``folder/000000.png .. {num-1}.png`` into ``path`` as ``arr_0`` (uint8 [num, H, W, 3],
-    index order), the layout the ADM evaluator reads; returns the array's shape.
+    index order), the layout the ADM evaluator reads; returns the array's shape. ``extra``
+    arrays (e.g. a text-to-image run's ``captions``, a str array: no pickle) are stored beside.
 
     The array is streamed into the (uncompressed, zip64) ``.npz`` one image at a time, so
     50 000 images at 512 px (39 GB) do not need to fit in memory: a thread pool decodes the
@@ -101,6 +103,9 @@ def write_npz_from_pngs(folder: str, num: int, path: str, threads: int = 8) -> t
                         raise UsageError(f"--sample-dir: {png_path(folder, i)} is "
                                          f"{image.shape}, the first sample is {first.shape}")
                     member.write(np.ascontiguousarray(image).tobytes())
+            for name, array in (extra or {}).items():
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    npy_format.write_array(member, np.asarray(array), allow_pickle=False)
     return shape
 
 

@@ -56,7 +56,9 @@ class ModelCall(torch.nn.Module):
                  compile: bool = False, compile_mode: str = "default"):
         super().__init__()
         self.model = model
-        self.num_classes = model.num_classes  # the samplers' CFG null label
+        # the class-conditional samplers' CFG null label (a text-to-image model has none: its
+        # guidance uses the empty caption's context)
+        self.num_classes = getattr(model, "num_classes", None)
         self.autocast_dtype = autocast_dtype
         self._call = torch.compile(self._autocast_output, mode=compile_mode, dynamic=False) \
             if compile else self._autocast_output

@@ -24,6 +24,7 @@ from timm.layers import Mlp, PatchEmbed
 from .self_attention import Attention
 from .embeddings import LabelEmbedder, TimestepEmbedder, sincos_2d_pos_embed
 from .projector import build_mlp
+from .repa_head import repa_outputs
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -266,19 +267,7 @@ class SiT(nn.Module):
         the null class) replaces the random label dropout, as in the official LabelEmbedder.
         """
         out, hidden = self.forward_with_hidden(x, t, y, force_drop_ids=force_drop_ids)
-        if align_to is None:
-            return out, [projector(hidden) for projector in self.projectors]
-        if isinstance(align_to, torch.Tensor):
-            align_to = [align_to]
-        if not self.projectors:
-            raise ValueError("align_to was given but this model has no projectors (z_dims=[])")
-        if len(align_to) != len(self.projectors):
-            raise ValueError(f"align_to must hold one target per projector "
-                             f"({len(self.projectors)}, z_dims={self.z_dims}); got "
-                             f"{len(align_to)}")
-        losses = [projector.alignment_loss(hidden, z, **align_kwargs)
-                  for projector, z in zip(self.projectors, align_to)]
-        return out, sum(losses) / len(losses)
+        return out, repa_outputs(self.projectors, self.z_dims, hidden, align_to, **align_kwargs)
 
 
 class UnknownModelError(KeyError, ValueError):

@@ -14,7 +14,7 @@ import torch
 from ..distributed import Distributed
 from ..errors import UsageError
 from .checkpoint_files import set_aside_after
-from .config import TrainConfig, is_dit, save_config
+from .config import TrainConfig, is_dit, is_t2i, save_config
 from .data import RunData, prepare_data
 from .ema import EMA
 from .encoders import build_encoders, check_encoder_resolution, encoder_weight_files
@@ -56,10 +56,24 @@ def check_deepspeed(config: TrainConfig) -> None:
                          f"train without it (DDP under torchrun)")
 
 
-def build_model(config: TrainConfig, in_channels: int, input_size: int, z_dims: list):
-    """The ``--model`` SiT, or DiT (``in_channels`` from the data; DiT's learned σ doubles its
-    output channels)."""
-    from ..models import DiT_models, SiT_models
+def build_model(config: TrainConfig, in_channels: int, input_size: int, z_dims: list,
+                context_dim: Optional[int] = None):
+    """The ``--model`` SiT, DiT or MMDiT (``in_channels`` from the data; DiT's learned σ
+    doubles its output channels; the MMDiT's ``context_dim`` is the data set's caption-feature
+    width)."""
+    from ..models import DiT_models, MMDiT_models, SiT_models
+    if is_t2i(config):
+        if context_dim is None:
+            raise ValueError(f"--model {config.model} (text-to-image) needs the caption-feature "
+                             f"width of its data set (context_dim)")
+        # the official train_t2i.py builds MMDiT(input_size, z_dims, encoder_depth): its other
+        # options stay at their defaults; --qk-norm turns on the LayerNorm variant
+        return MMDiT_models[config.model](
+            input_size=input_size, in_channels=in_channels, z_dims=z_dims,
+            encoder_depth=config.encoder_depth, projector_dim=config.projector_dim,
+            qk_norm="ln" if config.qk_norm else None, context_dim=context_dim,
+            fused_attn=config.fused_attn, attn_backend=config.attn_backend,
+            grad_checkpointing=config.grad_checkpointing, validate_inputs=False)
     if is_dit(config):  # DiT has a null class whenever class_dropout_prob > 0
         build, family = DiT_models[config.model], {}
     else:
@@ -128,7 +142,8 @@ def build_run(config: TrainConfig, dist: Distributed) -> Run:
             warnings.simplefilter("ignore")
         encoders = build_encoders(config, device, enc_dtype)
     in_channels, input_size, _ = data.x_shape
-    model = build_model(config, in_channels, input_size, [e.embed_dim for e in encoders])
+    model = build_model(config, in_channels, input_size, [e.embed_dim for e in encoders],
+                        data.context_shape[1] if data.text_to_image else None)
     model = model.to(device).train()
     ema = EMA(model, config.ema_decay)
     resumed, state = resume_state(config.resume, ckpt_dir, dist)
@@ -158,7 +173,7 @@ def build_run(config: TrainConfig, dist: Distributed) -> Run:
     reporter = Reporter(config.report_to, run_dir, enabled=dist.main, config=config.to_dict(),
                         project=config.wandb_project, entity=config.wandb_entity)
     grids = SampleGrids(config, run_dir, ema, vae, data.latents_scale, data.x_shape, device,
-                        reporter)
+                        reporter, data)
     seed_rank(config, dist, resumed, state)
     skipped = int(state.get("skipped_steps", 0)) if state is not None else 0
     warm_kernels(config, model, encoders, device, config.batch_size // dist.world_size, dist,

@@ -43,13 +43,19 @@ REGENERATE = "python -m repa_fast.training.config --update-readme"
 # Choices come from the modules that enforce them, read on first use: importing the models
 # takes seconds, and config.py is imported by code that needs none of them.
 def _models():
-    from ..models import DiT_models, SiT_models
-    return tuple(SiT_models) + tuple(DiT_models)
+    from ..models import DiT_models, MMDiT_models, SiT_models
+    return tuple(SiT_models) + tuple(DiT_models) + tuple(MMDiT_models)
 
 
 def is_dit(config) -> bool:
     """Whether ``--model`` names a DiT (trained on DiT's Gaussian diffusion, not a SiT path)."""
     return config.model.startswith("DiT-")
+
+
+def is_t2i(config) -> bool:
+    """Whether ``--model`` names an MMDiT: text-to-image, conditioned on caption features (the
+    official ``train_t2i.py``), on a captioned data set."""
+    return config.model.startswith("MMDiT-")
 
 
 def _encoders():
@@ -123,7 +129,9 @@ class TrainConfig:
                      official=True)
     preset: Optional[str] = _run(None, "fill in a set of values first; flags given explicitly "
                                  "win. demo: a tiny SiT on built-in data, about 2 minutes on "
-                                 "2 CPU cores", choices=_presets, shown="none", metavar="NAME")
+                                 "2 CPU cores; demo-t2i: a tiny text-to-image MMDiT on "
+                                 "built-in captioned shapes", choices=_presets, shown="none",
+                                 metavar="NAME")
     resume: Optional[str] = _run(None, "continue a run: auto (the newest good checkpoint in the "
                                  "run folder, else start fresh), a step number, or a checkpoint "
                                  "file", shown="none: start fresh", metavar="auto|STEP|PATH")
@@ -332,6 +340,14 @@ PRESETS = {
                  enc_weights="random", batch_size=32, learning_rate=1e-3, mixed_precision="no",
                  max_train_steps=400, checkpointing_steps=200, sampling_steps=400, log_every=1,
                  num_workers=1, ema_decay=0.99, data_backend="torch"),
+    # The same on the built-in captioned shapes (repa_fast.data.demo_t2i: "a red disc on the
+    # left", ...), a tiny MMDiT conditioned on the features of a tiny seeded text encoder.
+    "demo-t2i": dict(exp_name="demo-t2i", data_dir="demo-t2i", model="MMDiT-d4/4",
+                     encoder_depth=2, projector_dim=256, resolution=32, enc_type="demo",
+                     enc_weights="random", batch_size=32, learning_rate=1e-3,
+                     mixed_precision="no", max_train_steps=400, checkpointing_steps=200,
+                     sampling_steps=400, log_every=1, num_workers=1, ema_decay=0.99,
+                     data_backend="torch"),
 }
 
 
@@ -396,6 +412,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 EPILOG = """\
 examples:
   python -m repa_fast.train --preset demo      a tiny run on built-in data, on the CPU
+  python -m repa_fast.train --preset demo-t2i  the same, text-to-image (captioned shapes)
   torchrun --nproc_per_node 8 -m repa_fast.train --model SiT-XL/2 --enc-type dinov2-vit-b \\
       --data-dir data/imagenet256 --exp-name sit-xl-repa
   deepspeed repa_fast/train.py --ds_config configs/ds/zero2.json ...

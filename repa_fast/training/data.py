@@ -11,19 +11,32 @@ import torch
 
 from ..distributed import Distributed
 from ..errors import UsageError
-from .config import TrainConfig
+from .config import TrainConfig, is_t2i
 
 
 @dataclass
 class RunData:
     """The loader and what the model and the sample grids take from the data set's index:
     ``x_shape`` (channels, size, size) of a latent (or pixel-space image), the latents'
-    scaling factor, and the VAE decoding sample grids (None: pixel space, or none found)."""
+    scaling factor, and the VAE decoding sample grids (None: pixel space, or none found).
+    A text-to-image set adds ``context_shape`` (L, D) of its caption features and
+    ``empty_context`` (the empty caption's [L, D], float32, for classifier-free guidance)."""
     data_dir: str
     loader: Any
     latents_scale: float
     x_shape: tuple
     vae_path: Optional[str]
+    context_shape: Optional[tuple] = None
+    empty_context: Optional[torch.Tensor] = None
+
+    @property
+    def text_to_image(self) -> bool:
+        return self.context_shape is not None
+
+
+# the built-in data sets: --data-dir value -> (module, writer); made by rank 0 in the output
+BUILT_IN = {"demo": ("..data.demo", "make_demo_dataset"),
+            "demo-t2i": ("..data.demo_t2i", "make_demo_t2i_dataset")}
 
 
 def prepare_data(config: TrainConfig, dist: Distributed) -> RunData:
@@ -31,18 +44,21 @@ def prepare_data(config: TrainConfig, dist: Distributed) -> RunData:
     from ..data import LoaderConfig, make_loader, read_index
 
     data_dir = config.data_dir
-    if data_dir == "demo":
-        from ..data.demo import make_demo_dataset
-        data_dir = os.path.join(config.output_dir, "demo-data")
+    if data_dir in BUILT_IN:
+        import importlib
+        module, writer = BUILT_IN[data_dir]
+        data_dir = os.path.join(config.output_dir, f"{data_dir}-data")
         if dist.main:
-            make_demo_dataset(data_dir, size=config.resolution)
+            getattr(importlib.import_module(module, __package__), writer)(
+                data_dir, size=config.resolution)
         dist.barrier()
     if not os.path.isdir(data_dir):
-        way_out = ("leave out --data-dir to train on the built-in shapes" if config.preset ==
-                   "demo" else "or use --preset demo (built-in data)")
+        way_out = ("leave out --data-dir to train on the built-in shapes" if config.preset in
+                   BUILT_IN else "or use --preset demo (built-in data)")
         raise UsageError(f"--data-dir {data_dir!r} does not exist: prepare it with "
                          f"python -m repa_fast.data.prepare, {way_out}")
     index = read_index(data_dir)
+    context_shape, empty = check_kind(config, data_dir, index)
     if index["resolution"] != config.resolution:
         raise ValueError(f"--resolution {config.resolution} does not match the data set in "
                          f"{data_dir} ({index['resolution']} px)")
@@ -78,9 +94,31 @@ def prepare_data(config: TrainConfig, dist: Distributed) -> RunData:
         world_size=dist.world_size, seed=config.seed, num_workers=config.num_workers,
         backend=config.data_backend, on_bad_sample=config.on_bad_sample,
         verify_shards=config.verify_shards))
-    check_label_range(config.num_classes, data_dir)
+    if context_shape is None:
+        check_label_range(config.num_classes, data_dir)
     return RunData(data_dir, loader, latents_scale, (in_channels, input_size, input_size),
-                   vae_path if vae_path and not pixel_space else None)
+                   vae_path if vae_path and not pixel_space else None, context_shape, empty)
+
+
+def check_kind(config: TrainConfig, data_dir: str, index: dict):
+    """``(context_shape, empty_context)`` of a text-to-image set (``(None, None)`` for a
+    labelled one), after checking that ``--model`` is of the same kind as the data set."""
+    from ..data import empty_context, is_text_to_image
+    captioned = is_text_to_image(index)
+    if is_t2i(config) and not captioned:
+        raise UsageError(f"--model {config.model} is a text-to-image model, but the data set in "
+                         f"{data_dir} has class labels, not captions: prepare a captioned set "
+                         f"(python -m repa_fast.data.prepare --captions ...) or use --preset "
+                         f"demo-t2i")
+    if captioned and not is_t2i(config):
+        raise UsageError(f"--model {config.model} is class-conditional, but the data set in "
+                         f"{data_dir} holds captions (text-to-image): train an MMDiT-* model "
+                         f"on it")
+    if not captioned:
+        return None, None
+    shape = tuple(int(n) for n in index["context"]["shape"])
+    empty = torch.from_numpy(empty_context(data_dir).astype("float32"))
+    return shape, empty
 
 
 def check_label_range(num_classes: int, data_dir: str) -> None:

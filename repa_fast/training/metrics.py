@@ -5,6 +5,12 @@ FLOPs of one training image (forward + backward = 3 × forward), counted from th
     forward = depth · T · (24·D² + 4·T·D)       T tokens, D hidden size
               (qkv 6D², out 2D², MLP 16D² per token; QKᵀ and AV 4·T·D per token)
             + 2·T·(D·P + P·P + P·Z) per projector
+
+An MMDiT (text-to-image) runs L caption tokens beside the T image tokens through the same
+per-token work, attends over all T + L, and embeds the captions (width C)::
+
+    forward = depth · ((T + L)·24·D² + 4·(T + L)²·D) − L·18·D²   (the last block's caption half
+              + 2·L·C·D + projectors                              has qkv and modulation only)
 """
 from __future__ import annotations
 
@@ -22,9 +28,21 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0,
                     "L40S": 362.0, "A10": 125.0}
 
 
-def flops_per_image(model) -> float:
-    d, t, depth = model.hidden_size, model.num_patches, len(model.blocks)
-    forward = depth * t * (24 * d * d + 4 * t * d)
+def flops_per_image(model, context_shape: Optional[tuple] = None) -> float:
+    """Training FLOPs per image (forward + backward) of a SiT / DiT, or of an MMDiT given its
+    caption features' ``context_shape`` (L, C)."""
+    d, t = model.hidden_size, model.num_patches
+    if hasattr(model, "joint_blocks"):
+        if context_shape is None:
+            raise ValueError("flops_per_image of an MMDiT needs context_shape (L, C) of its "
+                             "caption features")
+        length, width = context_shape
+        depth, joint = len(model.joint_blocks), t + length
+        forward = (depth * (joint * 24 * d * d + 4 * joint * joint * d) - length * 18 * d * d
+                   + 2 * length * width * d)
+    else:
+        depth = len(model.blocks)
+        forward = depth * t * (24 * d * d + 4 * t * d)
     for projector in model.projectors:
         p, z = projector[0].out_features, projector[4].out_features
         forward += 2 * t * (d * p + p * p + p * z)

@@ -2,7 +2,11 @@
 from ``--seed``, so every grid of a run, resumed or not, shows the same samples), 50 Euler ODE
 steps without guidance (DiT: 50 DDPM steps of the respaced diffusion, through ``DiT.predict``,
 their noise from a generator seeded with ``--seed``), decoded and tiled as
-``samples/NNNNNNN.png`` by rank 0."""
+``samples/NNNNNNN.png`` by rank 0.
+
+Text-to-image (MMDiT): the 16 fixed captions of :func:`repa_fast.data.grid_samples` in place of
+labels, 50 Euler ODE steps with CFG 4.0 against the empty caption (the official
+``train_t2i.py``'s grid), and ``samples/captions.txt`` listing the cells' captions row by row."""
 from __future__ import annotations
 
 import math
@@ -14,6 +18,7 @@ import torch
 
 GRID_SAMPLES = 16
 GRID_STEPS = 50
+T2I_GRID_CFG = 4.0  # the official train_t2i.py's grid guidance
 
 
 @torch.no_grad()
@@ -31,16 +36,37 @@ def ddpm_samples(ema_model, noise: torch.Tensor, labels: torch.Tensor, seed: int
 
 
 @torch.no_grad()
+def t2i_samples(ema_model, noise: torch.Tensor, contexts: torch.Tensor,
+                empty_context: torch.Tensor) -> torch.Tensor:
+    """MMDiT samples from ``noise`` and caption ``contexts`` [n, L, D]: the official t2i
+    Euler sampler, 50 steps, CFG 4.0 against ``empty_context`` [L, D], the projectors not run
+    (``forward_with_hidden``)."""
+    from ..transport.samplers_t2i import euler_sampler
+
+    def velocity(x, t, context):
+        return ema_model.forward_with_hidden(x, t, context=context)
+    null = empty_context.to(contexts.dtype).expand(contexts.shape[0], *empty_context.shape)
+    return euler_sampler(velocity, noise, contexts, null, num_steps=GRID_STEPS,
+                         cfg_scale=T2I_GRID_CFG).float()
+
+
+@torch.no_grad()
 def sample_grid(ema_model, noise: torch.Tensor, labels: torch.Tensor, latents_scale: float,
-                vae, path: str, ddpm_seed: Optional[int] = None) -> torch.Tensor:
-    """EMA samples (50-step ODE, CFG 1.0; with ``ddpm_seed``, a DiT's 50 DDPM steps) from fixed
-    noise and labels, decoded, as one PNG (⌈√n⌉ columns, row-major, empty cells black);
-    returns the grid (uint8 [3, H, W])."""
+                vae, path: str, ddpm_seed: Optional[int] = None,
+                empty_context: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """EMA samples (50-step ODE, CFG 1.0; with ``ddpm_seed``, a DiT's 50 DDPM steps; with
+    ``empty_context``, ``labels`` are caption contexts: :func:`t2i_samples`) from fixed noise
+    and labels, decoded, as one PNG (⌈√n⌉ columns, row-major, empty cells black); returns the
+    grid (uint8 [3, H, W])."""
     from ..generation.output import make_grid, save_png_atomic
     from ..generation.sample_batch import to_uint8
     from ..transport.samplers import euler_sampler
-    samples = (euler_sampler(ema_model, noise, labels, num_steps=GRID_STEPS)
-               if ddpm_seed is None else ddpm_samples(ema_model, noise, labels, ddpm_seed))
+    if empty_context is not None:
+        samples = t2i_samples(ema_model, noise, labels, empty_context)
+    elif ddpm_seed is None:
+        samples = euler_sampler(ema_model, noise, labels, num_steps=GRID_STEPS)
+    else:
+        samples = ddpm_samples(ema_model, noise, labels, ddpm_seed)
     images = to_uint8(samples, vae, latents_scale)
     n = images.shape[0]
     cols = math.ceil(math.sqrt(n))
@@ -58,7 +84,7 @@ class SampleGrids:
     ``reporter`` shows them on the dashboards)."""
 
     def __init__(self, config, run_dir: str, ema, vae, latents_scale: float, x_shape: tuple,
-                 device: torch.device, reporter):
+                 device: torch.device, reporter, data=None):
         self.run_dir, self.ema, self.vae, self.latents_scale = run_dir, ema, vae, latents_scale
         self.reporter = reporter
         from .config import is_dit
@@ -66,7 +92,17 @@ class SampleGrids:
         # from a generator of their own: the training's random state is not touched
         gen = torch.Generator().manual_seed(config.seed)
         self.noise = torch.randn(GRID_SAMPLES, *x_shape, generator=gen).to(device)
-        self.labels = (torch.arange(GRID_SAMPLES) % config.num_classes).to(device)
+        self.empty_context, self.captions = None, None
+        if data is not None and data.text_to_image:  # the data set's fixed captions
+            from ..data import grid_samples
+            fixed = grid_samples(data.data_dir, GRID_SAMPLES)
+            self.labels = torch.from_numpy(fixed.contexts).float().to(device)
+            self.empty_context = data.empty_context.to(device)
+            self.captions = [text if text is not None else f"(sample {key}, caption {k})"
+                             for text, key, k in zip(fixed.captions, fixed.keys,
+                                                     fixed.caption_index.tolist())]
+        else:
+            self.labels = (torch.arange(GRID_SAMPLES) % config.num_classes).to(device)
 
     def path(self, step: int) -> str:
         return os.path.join(self.run_dir, "samples", f"{step:07d}.png")
@@ -78,6 +114,20 @@ class SampleGrids:
             return
         from tqdm import tqdm
         tqdm.write(f"writing the sample grid of step {step} ({GRID_STEPS} sampling steps)...")
+        if self.captions is not None:
+            self.write_captions()
         grid = sample_grid(self.ema.model, self.noise, self.labels, self.latents_scale,
-                           self.vae, self.path(step), self.ddpm_seed)
+                           self.vae, self.path(step), self.ddpm_seed, self.empty_context)
         self.reporter.image("samples/ema", grid, step)
+
+    def write_captions(self) -> None:
+        """``samples/captions.txt``: the grid cells' captions, row by row (the same for every
+        grid of the run)."""
+        from ..atomic_write import atomic_open
+        cols = math.ceil(math.sqrt(len(self.captions)))
+        lines = [f"row {i // cols + 1}, column {i % cols + 1}: {caption}"
+                 for i, caption in enumerate(self.captions)]
+        path = os.path.join(self.run_dir, "samples", "captions.txt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_open(path, "w", sync=False) as f:
+            f.write("\n".join(lines) + "\n")

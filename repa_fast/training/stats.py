@@ -12,6 +12,7 @@ and, for the stop rule, the current and the longest run of consecutive skipped s
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
 
@@ -25,12 +26,14 @@ class RunningStats:
     """Device sums of one log window, the skipped-step runs, and the progress bar."""
 
     def __init__(self, config: TrainConfig, dist: Distributed, model, log: MetricsLog,
-                 reporter: Reporter, step: int, skipped_steps: int):
+                 reporter: Reporter, step: int, skipped_steps: int,
+                 context_shape: Optional[tuple] = None):
         from tqdm import tqdm
         device = dist.device
         self.config, self.world_size, self.log_file, self.reporter = (
             config, dist.world_size, log, reporter)
-        self.flops, self.peak = flops_per_image(model), peak_tflops(device)
+        self.flops = flops_per_image(model, context_shape)
+        self.peak = peak_tflops(device)
         self.bar = tqdm(total=config.max_train_steps, initial=step, disable=not dist.main,
                         dynamic_ncols=True, desc=config.exp_name)
         # loss, proj_loss, grad_norm over finite steps; finite and skipped step counts

@@ -123,37 +123,39 @@ class TrainStep:
     latents_scale: float = 1.0
     rank: int = 0
     world_size: int = 1
+    empty_context: Optional[torch.Tensor] = None  # text-to-image: the empty caption's [L, D]
 
     @classmethod
     def build(cls, config: TrainConfig, model: nn.Module, encoders: list,
               device: torch.device, x_shape: tuple, latents_scale: float = 1.0,
-              compile: Optional[bool] = None) -> "TrainStep":
+              compile: Optional[bool] = None,
+              empty_context: Optional[torch.Tensor] = None) -> "TrainStep":
         """A single-process step with a fresh optimizer and EMA (benchmarks, tests);
-        ``compile`` defaults to the config's resolved setting."""
+        ``compile`` defaults to the config's resolved setting; ``empty_context`` is needed for
+        a text-to-image model."""
         engine = plain_engine(config, model, device)
         ema = EMA(model, config.ema_decay)
         ema.update(model, decay=0.0)
         use_compile = resolve_compile(config, device) if compile is None else compile
         forward, encoders = compiled(engine.wrapped, encoders, use_compile)
         return cls(config, device, engine, forward, encoders, make_loss(config), ema, x_shape,
-                   latents_scale)
+                   latents_scale, empty_context=empty_context)
 
     def __call__(self, step: int, images: torch.Tensor, moments: torch.Tensor,
-                 labels: torch.Tensor) -> StepOutput:
-        """Train on one batch (this rank's part of the global batch of ``step``)."""
+                 cond: torch.Tensor) -> StepOutput:
+        """Train on one batch (this rank's part of the global batch of ``step``); ``cond``:
+        the class labels [B], or for a text-to-image model the caption contexts [B, L, D]."""
         config, device = self.config, self.device
         images = to_device(images, device)
-        labels = to_device(labels, device)
-        draws = step_draws(config, step, labels.shape[0], self.x_shape, self.rank,
+        cond = to_device(cond, device)
+        draws = step_draws(config, step, cond.shape[0], self.x_shape, self.rank,
                            self.world_size, device)
         with torch.no_grad():
             x = vae_module.sample_posterior(to_device(moments, device), self.latents_scale,
                                             noise=draws.eps)
             with autocast(config, device):
                 zs = [encoder(images) for encoder in self.encoders]
-        model_kwargs = dict(y=labels)
-        if config.cfg_prob > 0:
-            model_kwargs["force_drop_ids"] = draws.drop.to(torch.int64)
+        model_kwargs = self.condition(cond, draws.drop)
         with autocast(config, device):
             loss, proj_loss = self.loss_fn(self.forward, x, model_kwargs, zs=zs,
                                            time=draws.time, noise=draws.noise)
@@ -161,6 +163,22 @@ class TrainStep:
             total = loss_mean + config.proj_coeff * proj_mean
         grad_norm, found_inf = self.engine.backward_and_step(total, self.ema)
         return StepOutput(loss_mean.detach(), proj_mean.detach(), grad_norm.detach(), found_inf)
+
+    def condition(self, cond: torch.Tensor, drop: torch.Tensor) -> dict:
+        """The model's conditioning keywords with the CFG dropout of ``drop`` (bool [B]):
+        labels go in as ``y`` with ``force_drop_ids`` (the model swaps in its null class, as
+        the official LabelEmbedder); a text-to-image model's contexts have the dropped rows
+        replaced by the empty caption's context (the official CFGDataset, here on the device
+        from the step's draws)."""
+        if self.empty_context is None:
+            kwargs = dict(y=cond)
+            if self.config.cfg_prob > 0:
+                kwargs["force_drop_ids"] = drop.to(torch.int64)
+            return kwargs
+        if self.config.cfg_prob > 0:
+            empty = self.empty_context.to(cond.device, cond.dtype)
+            cond = torch.where(drop.view(-1, 1, 1), empty, cond)
+        return dict(context=cond)
 
 
 def plain_engine(config: TrainConfig, model: nn.Module, device: torch.device,
