@@ -124,3 +124,13 @@ def official_projection_loss(zs, zs_tilde):
             total = total + (-(F.normalize(z_j, dim=-1) * F.normalize(z_tilde_j, dim=-1))
                              .sum(dim=-1)).mean()
     return total / (len(zs) * zs[0].shape[0])
+
+
+def record_memory_and_mfu(info: dict) -> None:
+    """Add to a training step's ``extra_info``: the peak allocated memory (GPU) and the
+    achieved TFLOP/s as a fraction of the card's measured bf16 matmul peak."""
+    if ON_GPU:
+        info["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    peak = bf16_matmul_peak_tflops()
+    if peak:
+        info["mfu_vs_measured_peak"] = info["tflops_per_s"] / peak

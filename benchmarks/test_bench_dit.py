@@ -66,7 +66,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench_utils import DEVICE, ON_GPU, bf16_matmul_peak_tflops, official_projection_loss, timed
+from bench_utils import (DEVICE, ON_GPU, official_projection_loss, record_memory_and_mfu,
+                         timed)
 from test_bench_train import make_encoder
 from repa_fast.diffusion import (SpacedDiffusion, create_diffusion, extract_into_tensor,
                                  get_named_beta_schedule)
@@ -241,11 +242,7 @@ def test_dit_train_step(benchmark, provider, case):
                 dtype=("fp32 (TF32 on GPU)" if original
                        else "bf16 autocast" if ON_GPU else "fp32"),
                 compiled=not original and ON_GPU)
-    if ON_GPU:
-        info["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    peak = bf16_matmul_peak_tflops()
-    if peak:
-        info["mfu_vs_measured_peak"] = info["tflops_per_s"] / peak
+    record_memory_and_mfu(info)
 
 
 # --------------------------------------------------------------------------- DDPM sampling

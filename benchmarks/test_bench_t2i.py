@@ -78,7 +78,8 @@ import random
 import pytest
 import torch
 
-from bench_utils import DEVICE, ON_GPU, bf16_matmul_peak_tflops, official_projection_loss, timed
+from bench_utils import (DEVICE, ON_GPU, official_projection_loss, record_memory_and_mfu,
+                         timed)
 from test_bench_dit import tf32
 from test_bench_train import ema_official, make_encoder
 from repa_fast.generation.sample_batch import SamplerConfig
@@ -241,11 +242,7 @@ def test_t2i_train_step(benchmark, provider, case):
                 dtype=("fp16 autocast + GradScaler" if official and ON_GPU
                        else "bf16 autocast" if ON_GPU else "fp32"),
                 attention="sdpa" if official else "auto", compiled=not official and ON_GPU)
-    if ON_GPU:
-        info["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    peak = bf16_matmul_peak_tflops()
-    if peak:
-        info["mfu_vs_measured_peak"] = info["tflops_per_s"] / peak
+    record_memory_and_mfu(info)
 
 
 # --------------------------------------------------------------------------- ODE sampling

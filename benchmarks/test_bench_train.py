@@ -23,7 +23,8 @@ import os
 import pytest
 import torch
 
-from bench_utils import DEVICE, ON_GPU, bf16_matmul_peak_tflops, official_projection_loss, timed
+from bench_utils import (DEVICE, ON_GPU, official_projection_loss, record_memory_and_mfu,
+                         timed)
 from repa_fast.models import SiT_models
 from repa_fast.training.build import build_model
 from repa_fast.training.config import TrainConfig
@@ -139,11 +140,7 @@ def test_train_step(benchmark, provider, case):
     info = benchmark.extra_info
     info.update(case=case, provider=provider, batch=batch, grad_checkpointing=GRAD_CKPT,
                 images_per_s=batch / benchmark.stats.stats.median)
-    if ON_GPU:
-        info["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    peak = bf16_matmul_peak_tflops()
-    if peak:
-        info["mfu_vs_measured_peak"] = info["tflops_per_s"] / peak
+    record_memory_and_mfu(info)
 
 
 @torch.no_grad()
