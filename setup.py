@@ -62,6 +62,8 @@ EXTRAS = {
     "eval": ["scipy>=1.10", "torch-fidelity>=0.4", "pillow>=10", "tqdm>=4.66"],
     # text-to-image: CLIP text features (data preparation) and the CLIP score (evaluate)
     "t2i": ["transformers>=4.40"],
+    # python -m repa_fast.analyze's figure (analysis.png)
+    "analysis": ["matplotlib>=3.7"],
     "dev": ["pytest>=8", "pytest-benchmark>=4"],
 }
 
@@ -305,7 +307,8 @@ setup(
     entry_points={"console_scripts": ["repa-fast-info=repa_fast.info:main",
                                       "repa-fast-prepare=repa_fast.data.prepare:main",
                                       "repa-fast-generate=repa_fast.generate:main",
-                                      "repa-fast-evaluate=repa_fast.evaluate:main"]},
+                                      "repa-fast-evaluate=repa_fast.evaluate:main",
+                                      "repa-fast-analyze=repa_fast.analyze:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

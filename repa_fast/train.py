@@ -42,7 +42,7 @@ if __name__ in ("__main__", "__mp_main__") and not __package__:
     __package__ = "repa_fast"
 
 from .distributed import Distributed
-from .errors import USAGE_AND_VALUE, report
+from .errors import USAGE_AND_VALUE, UsageError, report
 from .training.build import build_run
 from .training.checkpointer import Checkpointer
 from .training.config import TrainConfig, parse_args
@@ -67,6 +67,7 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
                          run.skipped_steps, run.data.context_shape)
     saver = Checkpointer(config, dist, run.engine, run.ema, loader, run.ckpt_dir,
                          last_saved=step if run.resumed else None)
+    align = alignment_log(config, run, dist)
     logged = {}
     batches = iter(loader)
     stop = StopRequest(dist.world_size).__enter__()
@@ -85,6 +86,10 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
             if step % config.log_every == 0 or step == last:
                 logged = stats.log(step, loader.skipped_samples)
                 saver.check_nonfinite(step, stats)
+            if align is not None and step % config.log_alignment_every == 0:
+                record = align.measure(run.model, run.encoders[0], step)
+                run.log.write(record)
+                run.reporter.scalars(record, step)
             if saver.pending or step % config.checkpointing_steps == 0 or step == last:
                 saver.save_if_good(step, stats)
             if dist.main and (step % config.sampling_steps == 0 or step == last):
@@ -100,6 +105,17 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
         stop.__exit__(*sys.exc_info())
         stats.close()
     return logged
+
+
+def alignment_log(config: TrainConfig, run, dist: Distributed):
+    """The ``--log-alignment-every`` measurer (rank 0; None when off or on other ranks)."""
+    if config.log_alignment_every is None or not dist.main:
+        return None
+    if getattr(run.engine, "stage", 0) == 3:
+        raise UsageError("--log-alignment-every measures on rank 0 alone, which ZeRO-3's "
+                         "partitioned weights do not allow: use ZeRO-1/2 or leave it out")
+    from .training.alignment_log import AlignmentLog
+    return AlignmentLog(config, run.data.data_dir, run.data.latents_scale, dist.device)
 
 
 def main(argv=None) -> int:

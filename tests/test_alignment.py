@@ -155,7 +155,10 @@ def test_mixed_dtypes_and_autocast(seed, backend, dtype):
     grads = torch.autograd.grad(loss, [h] + ws)
     assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
     ref = loop_loss(h.detach(), z.detach(), *[w.detach() for w in ws])
-    assert abs(loss.item() - ref.item()) <= 2e-2 * (abs(ref.item()) + 1e-2)
+    # random inputs put the loss near 0: the error is absolute, a small multiple of the
+    # dtype's epsilon (worst of 150 seeds: 2.6e-4 in bf16, 3.5e-5 in fp16; 6x headroom here)
+    eps = torch.finfo(dtype).eps
+    assert abs(loss.item() - ref.item()) <= 2e-2 * abs(ref.item()) + 0.2 * eps
 
 
 @pytest.mark.parametrize("T, T_target", [(25, 100), (100, 25)])

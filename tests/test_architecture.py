@@ -31,10 +31,17 @@ ALLOWED: dict[str, set[str]] = {
     "generation": {"models", "transport", "diffusion", "vae", "data",
                    "training.checkpoint_files"},
     "training": {"kernels", "ops", "models", "transport", "diffusion", "encoders", "vae",
-                 "data", "generation", "distributed"},
+                 "data", "generation", "distributed",
+                 # --log-alignment-every: the analysis's metric, inputs and sample reader
+                 "analysis.cknna", "analysis.features", "analysis.samples"},
+    # the alignment analysis: a checkpoint (as generation loads it), the frozen encoders (as
+    # training builds them), the data, the noisy inputs of the model's path / diffusion, and
+    # the alignment op's token pooling (its cosine is training's proj_loss)
+    "analysis": {"transport", "diffusion", "encoders", "vae", "data", "generation.loading",
+                 "training.config", "training.encoders", "ops.alignment_common"},
 }
 # The commands sit on top and may import any part.
-COMMANDS = {"train", "generate", "evaluate", "info"}
+COMMANDS = {"train", "generate", "evaluate", "info", "analyze"}
 
 
 class Import(NamedTuple):

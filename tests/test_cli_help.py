@@ -22,7 +22,7 @@ OFFICIAL = {"--output-dir", "--exp-name", "--report-to", "--sampling-steps", "--
             "--max-train-steps", "--checkpointing-steps", "--learning-rate", "--adam-beta1",
             "--adam-beta2", "--adam-weight-decay", "--adam-epsilon", "--max-grad-norm", "--seed",
             "--num-workers", "--path-type", "--prediction", "--cfg-prob", "--enc-type",
-            "--proj-coeff", "--weighting"}
+            "--proj-coeff", "--weighting", "--gradient-accumulation-steps"}
 
 
 def help_output(entry, argv=("--help",)) -> str:
@@ -159,6 +159,7 @@ def test_train_help_from_the_command_line():
 KNOWN_WITHOUT_DEFAULT = {
     "generate": set(),
     "evaluate": set(),
+    "analyze": set(),
     "data.prepare": set(),
 }
 

@@ -44,6 +44,7 @@ def losses(out):
 
 DIT = ("--model", "DiT-T/4")  # DiT's Gaussian diffusion + REPA in the same loop
 T2I = ("--preset", "demo-t2i", "--exp-name", "demo")  # text-to-image MMDiT, captioned shapes
+ACCUMULATE = ("--gradient-accumulation-steps", "2")  # micro-batches, DDP reducing in the last
 
 
 @pytest.mark.slow
@@ -120,12 +121,14 @@ def launch(out, launcher, *extra):
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher, model", [("deepspeed", ()), ("torchrun", ()),
                                              pytest.param("torchrun", DIT, id="torchrun-DiT"),
-                                             pytest.param("torchrun", T2I, id="torchrun-MMDiT")])
+                                             pytest.param("torchrun", T2I, id="torchrun-MMDiT"),
+                                             pytest.param("torchrun", ACCUMULATE,
+                                                          id="torchrun-accumulation")])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, launcher, model):
     """Random draws are made per global batch and sliced per rank, so 2 processes of 4
     samples train exactly like 1 process of 8 (up to fp32 reduction order); for DiT too (DDP,
     its timesteps drawn per global batch)."""
-    run(tmp_path / "one", "--max-train-steps", "4", *model)
+    run(tmp_path / "one", "--max-train-steps", "4", *(() if model == ACCUMULATE else model))
     extra = ["--ds_config", str(CONFIGS / "zero2.json")] if launcher == "deepspeed" else []
     launch(tmp_path / "two", launcher, *extra, *model)
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
@@ -140,3 +143,17 @@ def test_deepspeed_builds_its_own_optimizer(tmp_path):
         "--optimizer", "deepspeed")
     run(tmp_path / "torch", "--max-train-steps", "3", "--ds_config", config)
     assert losses(tmp_path / "ds") == pytest.approx(losses(tmp_path / "torch"), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_zero2_with_gradient_accumulation_equals_the_plain_big_batch(tmp_path):
+    """DeepSpeed's gradient_accumulation_steps is filled from the flag: 2 micro-batches of 4
+    train like one plain batch of 8; the run resumes exactly."""
+    config = str(CONFIGS / "zero2.json")
+    run(tmp_path / "ds", "--max-train-steps", "4", "--ds_config", config, *ACCUMULATE)
+    run(tmp_path / "plain", "--max-train-steps", "4")
+    assert losses(tmp_path / "ds") == pytest.approx(losses(tmp_path / "plain"), rel=1e-4)
+    run(tmp_path / "cut", "--max-train-steps", "2", "--ds_config", config, *ACCUMULATE)
+    run(tmp_path / "cut", "--max-train-steps", "4", "--resume", "auto", "--ds_config", config,
+        *ACCUMULATE)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "ds")

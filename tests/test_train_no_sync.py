@@ -57,14 +57,16 @@ class HostReads(TorchDispatchMode):
 
 # the Triton kernels on the CPU interpreter under the recorder: minutes, so slow, and with
 # two steps (step 1, what follows it and step 2's body are checked; step 2 logs)
-@pytest.mark.parametrize("backend, steps", [
-    ("reference", 4), pytest.param("triton", 2, marks=pytest.mark.slow)])
-def test_no_host_read_between_log_steps(tmp_path, monkeypatch, backend, steps):
+@pytest.mark.parametrize("backend, steps, micro_steps", [
+    ("reference", 4, 1), ("reference", 4, 2),  # with gradient accumulation: none per micro-step
+    pytest.param("triton", 2, 1, marks=pytest.mark.slow)])
+def test_no_host_read_between_log_steps(tmp_path, monkeypatch, backend, steps, micro_steps):
     monkeypatch.setenv("REPA_FAST_OPS_BACKEND", backend)
     config = parse_args(["--preset", "demo", "--output-dir", str(tmp_path), "--batch-size", "4",
                          "--max-train-steps", str(steps), "--log-every", str(steps),
                          "--checkpointing-steps", str(steps), "--sampling-steps", str(steps),
-                         "--report-to", "none", "--num-workers", "0"])
+                         "--report-to", "none", "--num-workers", "0",
+                         "--gradient-accumulation-steps", str(micro_steps)])
     mode = HostReads()
     real_call = TrainStep.__call__
     calls = []
@@ -89,15 +91,15 @@ def test_no_host_read_between_log_steps(tmp_path, monkeypatch, backend, steps):
 
 def test_the_recorder_sees_a_hidden_sync(tmp_path, monkeypatch):
     """A step that reads its loss (as ``float(loss)`` would) is caught: the test can fail."""
-    real_update = PlainEngine.backward_and_step
+    real_update = PlainEngine.step
 
     def reading(self, total, ema):
         float(total.detach())
         return real_update(self, total, ema)
 
-    monkeypatch.setattr(PlainEngine, "backward_and_step", reading)
+    monkeypatch.setattr(PlainEngine, "step", reading)
     with pytest.raises(AssertionError, match="host reads inside the training steps"):
-        test_no_host_read_between_log_steps(tmp_path, monkeypatch, "reference", 3)
+        test_no_host_read_between_log_steps(tmp_path, monkeypatch, "reference", 3, 1)
 
 
 def test_draws_do_not_depend_on_the_process_count_or_a_restart():

@@ -176,7 +176,8 @@ def build_run(config: TrainConfig, dist: Distributed) -> Run:
                         reporter, data)
     seed_rank(config, dist, resumed, state)
     skipped = int(state.get("skipped_steps", 0)) if state is not None else 0
-    warm_kernels(config, model, encoders, device, config.batch_size // dist.world_size, dist,
+    micro_batch = config.batch_size // (dist.world_size * config.gradient_accumulation_steps)
+    warm_kernels(config, model, encoders, device, micro_batch, dist,
                  state.get("kernel_tiles") if state is not None else None)
     return Run(run_dir, ckpt_dir, data, model, ema, engine, forward, encoders, step, resumed,
                skipped, log, reporter, grids)

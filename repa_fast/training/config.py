@@ -188,6 +188,10 @@ class TrainConfig:
     # optimisation
     batch_size: int = _optim(256, "global batch size, over all processes (divisible by their "
                              "number)", official=True)
+    gradient_accumulation_steps: int = _optim(
+        1, "micro-steps per step: each process runs batch-size / (processes × this) samples "
+        "at a time and the optimizer steps once per global batch (same result as one big "
+        "batch, less memory)", official=True)
     learning_rate: float = _optim(1e-4, "AdamW learning rate (constant)", official=True)
     adam_beta1: float = _optim(0.9, "AdamW beta1", official=True)
     adam_beta2: float = _optim(0.999, "AdamW beta2", official=True)
@@ -245,6 +249,11 @@ class TrainConfig:
                                   "each checkpoint")
     log_every: int = _log(100, "log loss, gradient norm and speed every this many steps (the "
                           "only steps that read the device)")
+    log_alignment_every: Optional[int] = _log(
+        None, "every this many steps, log the CKNNA (k = 10) of block --encoder-depth's "
+        "mean-pooled hidden states against the encoder's features, on 64 fixed samples at "
+        "t = 0 and 0.5 (SiT and DiT; metrics.jsonl and the dashboards)", shown="off",
+        metavar="N")
     wandb_project: str = _log("REPA", "wandb project (the official one)", metavar="NAME")
     wandb_entity: Optional[str] = _log(None, "wandb entity (user or team)",
                                        shown="wandb's default", metavar="NAME")
@@ -268,9 +277,23 @@ class TrainConfig:
             elif choices is not None and value is not None and value not in choices:
                 raise ValueError(f"{_flag(f.name)} must be one of {', '.join(choices)}; got "
                                  f"{value!r}")
+        if self.log_alignment_every is not None:
+            if self.log_alignment_every < 1:
+                raise ValueError(f"--log-alignment-every must be >= 1; got "
+                                 f"{self.log_alignment_every}")
+            if is_t2i(self):
+                raise ValueError(f"--log-alignment-every: not available for the text-to-image "
+                                 f"--model {self.model} yet (SiT and DiT only); leave it out")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"--gradient-accumulation-steps must be >= 1; got "
+                             f"{self.gradient_accumulation_steps}")
         if self.batch_size % world_size:
             raise ValueError(f"--batch-size {self.batch_size} (global) must be divisible by the "
                              f"number of processes ({world_size})")
+        if self.batch_size % (world_size * self.gradient_accumulation_steps):
+            raise ValueError(f"--batch-size {self.batch_size} (global) must be divisible by the "
+                             f"number of processes × --gradient-accumulation-steps "
+                             f"({world_size} × {self.gradient_accumulation_steps})")
         for name in ("batch_size", "max_train_steps", "checkpointing_steps", "sampling_steps",
                      "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:

@@ -2,15 +2,19 @@
 for the plain path (one process, or DDP under ``torchrun``) and DeepSpeed ZeRO
 (:class:`repa_fast.training.zero.ZeroEngine`), so that neither the step nor the loop asks which.
 
-The plain update, skipped on the device when the step is not finite (no host read)::
+A step is ``--gradient-accumulation-steps`` A micro-steps: each runs its forward inside
+:meth:`micro_step` (DDP reduces gradients only in the last one) and calls :meth:`backward` with
+its mean loss; then :meth:`step` updates once. The plain update, skipped on the device when
+the step is not finite (no host read)::
 
-    g         = ∇(scale · loss) / scale                 (scale 1 unless --mixed-precision fp16)
+    g         = Σ_micro ∇(scale · loss_m / A) / scale   (scale 1 unless --mixed-precision fp16)
     ‖g‖       = clip_grad_norm_(g, max_grad_norm)       (the norm before clipping)
     found_inf = not (isfinite(loss) and isfinite(‖g‖)), the max over ranks
     AdamW step and EMA update, both no-ops where found_inf = 1
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Protocol
 
 import torch
@@ -26,10 +30,21 @@ class Engine(Protocol):
     module: nn.Module      # the bare SiT: its weights are the checkpoint's and the EMA's source
     wrapped: Callable      # what the loss calls: the module, its DDP or DeepSpeed wrapper
 
+    def micro_step(self, last: bool):
+        """Context of one micro-step's forward and backward: gradients are reduced across
+        processes only in the ``last`` one."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of one micro-step's mean loss (weighted 1/A)."""
+
+    def step(self, loss: torch.Tensor, ema: EMA) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip, optimizer step, EMA update after the micro-steps; ``loss`` is the step's mean
+        loss (its finiteness decides the skip). Returns (pre-clip gradient norm, found_inf),
+        device tensors (found_inf 1.0: the step was skipped)."""
+
     def backward_and_step(self, loss: torch.Tensor, ema: EMA
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backward, clip, optimizer step, EMA update; returns (pre-clip gradient norm,
-        found_inf), device tensors (found_inf 1.0: the step was skipped)."""
+        """:meth:`backward` then :meth:`step`: a step of one micro-step."""
 
     def full_state_dict(self) -> dict:
         """All weights, on every rank."""
@@ -49,8 +64,9 @@ class PlainEngine:
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
                  device: torch.device, max_grad_norm: float, world_size: int = 1,
-                 fp16: bool = False):
+                 fp16: bool = False, accumulation_steps: int = 1):
         self.module, self.optimizer, self.max_grad_norm = model, optimizer, max_grad_norm
+        self.accumulation_steps = accumulation_steps
         self.wrapped = model
         if world_size > 1:
             self.wrapped = torch.nn.parallel.DistributedDataParallel(
@@ -59,10 +75,22 @@ class PlainEngine:
         self._distributed = (world_size > 1 and torch.distributed.is_available()
                              and torch.distributed.is_initialized())
 
+    def micro_step(self, last: bool):
+        if last or self.wrapped is self.module:
+            return contextlib.nullcontext()
+        return self.wrapped.no_sync()  # DDP: keep this micro-step's gradients local
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.accumulation_steps if self.accumulation_steps > 1 else loss
+        self.scaler.scale(loss).backward()
+
     def backward_and_step(self, loss: torch.Tensor, ema: EMA
                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.backward(loss)
+        return self.step(loss, ema)
+
+    def step(self, loss: torch.Tensor, ema: EMA) -> tuple[torch.Tensor, torch.Tensor]:
         optimizer, scaler = self.optimizer, self.scaler
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
         # a non-finite loss or gradient norm skips the step on the device: the fused AdamW

@@ -6,6 +6,10 @@
             (DiT: diffusion hybrid loss + proj_coeff · proj_loss, training.dit_loss.DiTLoss)
     clip grad norm, AdamW step, EMA update                  skipped on the device when not finite
 
+With ``--gradient-accumulation-steps A`` the rank's batch is run as A micro-batches (forward
+and backward each, gradients weighted 1/A, DDP reducing only in the last) before one update;
+the random draws stay those of the whole global batch, so the result is the big batch's.
+
 No host synchronisation (plain and DDP paths): the random draws are made on the device from
 (seed, step), the non-finite skip is a device flag read by the fused AdamW kernel and the EMA,
 and the step returns device tensors that the loop sums and reads only when it logs.
@@ -145,7 +149,7 @@ class TrainStep:
                  cond: torch.Tensor) -> StepOutput:
         """Train on one batch (this rank's part of the global batch of ``step``); ``cond``:
         the class labels [B], or for a text-to-image model the caption contexts [B, L, D]."""
-        config, device = self.config, self.device
+        config, device, engine = self.config, self.device, self.engine
         images = to_device(images, device)
         cond = to_device(cond, device)
         draws = step_draws(config, step, cond.shape[0], self.x_shape, self.rank,
@@ -153,16 +157,28 @@ class TrainStep:
         with torch.no_grad():
             x = vae_module.sample_posterior(to_device(moments, device), self.latents_scale,
                                             noise=draws.eps)
-            with autocast(config, device):
-                zs = [encoder(images) for encoder in self.encoders]
-        model_kwargs = self.condition(cond, draws.drop)
-        with autocast(config, device):
-            loss, proj_loss = self.loss_fn(self.forward, x, model_kwargs, zs=zs,
-                                           time=draws.time, noise=draws.noise)
-            loss_mean, proj_mean = loss.mean(), proj_loss.mean()
-            total = loss_mean + config.proj_coeff * proj_mean
-        grad_norm, found_inf = self.engine.backward_and_step(total, self.ema)
-        return StepOutput(loss_mean.detach(), proj_mean.detach(), grad_norm.detach(), found_inf)
+        micros = config.gradient_accumulation_steps
+        size = cond.shape[0] // micros
+        sums = torch.zeros(3, device=device)  # loss, proj_loss, total over the micro-steps
+        for m in range(micros):
+            # micro-batch m: the rank's samples m·size .. (m+1)·size - 1, with their own draws
+            part = slice(m * size, (m + 1) * size)
+            with engine.micro_step(last=m == micros - 1):
+                with torch.no_grad(), autocast(config, device):
+                    zs = [encoder(images[part]) for encoder in self.encoders]
+                model_kwargs = self.condition(cond[part], draws.drop[part])
+                with autocast(config, device):
+                    loss, proj_loss = self.loss_fn(self.forward, x[part], model_kwargs, zs=zs,
+                                                   time=draws.time[part],
+                                                   noise=draws.noise[part])
+                    loss_mean, proj_mean = loss.mean(), proj_loss.mean()
+                    total = loss_mean + config.proj_coeff * proj_mean
+                engine.backward(total)
+            sums += torch.stack([loss_mean.detach(), proj_mean.detach(), total.detach()]
+                                ).float()
+        means = sums / micros  # the global batch's means (equal micro-batches)
+        grad_norm, found_inf = engine.step(means[2], self.ema)
+        return StepOutput(means[0], means[1], grad_norm.detach(), found_inf)
 
     def condition(self, cond: torch.Tensor, drop: torch.Tensor) -> dict:
         """The model's conditioning keywords with the CFG dropout of ``drop`` (bool [B]):
@@ -185,7 +201,8 @@ def plain_engine(config: TrainConfig, model: nn.Module, device: torch.device,
                  world_size: int = 1) -> PlainEngine:
     """The plain (one process or DDP) engine with ``--optimizer`` over ``model``'s weights."""
     return PlainEngine(model, make_optimizer(config, model.parameters()), device,
-                       config.max_grad_norm, world_size, fp16=config.mixed_precision == "fp16")
+                       config.max_grad_norm, world_size, fp16=config.mixed_precision == "fp16",
+                       accumulation_steps=config.gradient_accumulation_steps)
 
 
 def make_loss(config: TrainConfig):

@@ -62,13 +62,16 @@ def load_ds_config(path: str, config: TrainConfig, world_size: int, device: torc
         raise ValueError(f"--ds_config {path!r} is not valid JSON: {error}") from None
     if not isinstance(ds, dict):
         raise ValueError(f"--ds_config {path!r} must hold a JSON object; got {type(ds).__name__}")
+    accumulation = config.gradient_accumulation_steps
     fill_auto(ds, dict(train_batch_size=config.batch_size,
-                       train_micro_batch_size_per_gpu=config.batch_size // world_size,
-                       gradient_accumulation_steps=1,
+                       train_micro_batch_size_per_gpu=config.batch_size // (world_size
+                                                                            * accumulation),
+                       gradient_accumulation_steps=accumulation,
                        # DeepSpeed's "no clipping" is 0
                        gradient_clipping=(config.max_grad_norm
                                           if math.isfinite(config.max_grad_norm) else 0.0)),
-              path, note=" (--batch-size is global; gradient accumulation is not used)")
+              path, note=" (--batch-size is global, --gradient-accumulation-steps splits it "
+                         "into micro-batches)")
     stage = ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"--ds_config {path}: zero_optimization.stage must be 0-3; got {stage}")
@@ -107,6 +110,8 @@ class ZeroEngine:
             model=model, optimizer=optimizer, config=ds_config, **extra)
         self.stage = ds_config["zero_optimization"]["stage"]
         self.device = device
+        self.accumulation_steps = int(ds_config.get("gradient_accumulation_steps", 1))
+        self._skipped = False
 
     @property
     def module(self):
@@ -123,22 +128,44 @@ class ZeroEngine:
         import deepspeed
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
-    def backward_and_step(self, loss: torch.Tensor, ema) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backward, clip (``gradient_clipping``), step and EMA update; returns (the pre-clip
-        gradient norm, found_inf), 0 and 1.0 for a skipped step.
+    def micro_step(self, last: bool):
+        return contextlib.nullcontext()  # DeepSpeed reduces at its accumulation boundary
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """DeepSpeed's backward (it weights the loss 1/A itself) and its ``step()``, which
+        updates only at the accumulation boundary.
 
         ``engine.step()`` has no skip input for bf16/fp32 (fp16 has its loss scaler): the loss
-        is read on the host before the backward, the one host synchronisation per step left
-        on this path."""
-        finite = bool(torch.isfinite(loss))
-        grad_norm = torch.zeros((), device=self.device)
-        if finite:
-            self.engine.backward(loss)
-            self.engine.step()
-            grad_norm = self._grad_norm().to(self.device)
-            with self.gathered():
-                ema.update(self.module)
-        return grad_norm, torch.tensor(float(not finite), device=self.device)
+        is read on the host before the backward, the one host synchronisation per micro-step
+        left on this path. A non-finite loss skips a step of one micro-step; with several, the
+        micro-steps already accumulated cannot be taken back, so the run stops (exit 3, the
+        last checkpoint intact) rather than apply part of a batch."""
+        if not bool(torch.isfinite(loss)):
+            if self.accumulation_steps > 1:
+                raise FloatingPointError(
+                    "a micro-step's loss is not finite; under DeepSpeed with "
+                    "--gradient-accumulation-steps > 1 the step cannot be skipped (its other "
+                    "micro-steps are already accumulated): stopping, the last checkpoint is "
+                    "intact; resume with a lower --learning-rate or without accumulation")
+            self._skipped = True
+            return
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def step(self, loss: torch.Tensor, ema) -> tuple[torch.Tensor, torch.Tensor]:
+        """After the micro-steps: the pre-clip gradient norm and the EMA update; returns
+        (norm, found_inf), 0 and 1.0 for a skipped step."""
+        if self._skipped:
+            self._skipped = False
+            return torch.zeros((), device=self.device), torch.ones((), device=self.device)
+        grad_norm = self._grad_norm().to(self.device)
+        with self.gathered():
+            ema.update(self.module)
+        return grad_norm, torch.zeros((), device=self.device)
+
+    def backward_and_step(self, loss: torch.Tensor, ema) -> tuple[torch.Tensor, torch.Tensor]:
+        self.backward(loss)
+        return self.step(loss, ema)
 
     def _grad_norm(self) -> torch.Tensor:
         """DeepSpeed's pre-clip gradient norm, kept on the device when it gives a tensor."""
