@@ -134,3 +134,15 @@ def record_memory_and_mfu(info: dict) -> None:
     peak = bf16_matmul_peak_tflops()
     if peak:
         info["mfu_vs_measured_peak"] = info["tflops_per_s"] / peak
+
+
+def loader_step(train_step, cond: torch.Tensor, image_size: int):
+    """A no-argument call of ``train_step`` on one fixed batch as the loader hands it over
+    (random uint8 images and positive moments of ``train_step.x_shape``, host tensors pinned
+    on CUDA), ``cond`` being the batch's labels or contexts; each call is the next step."""
+    batch, (channels, size, _) = cond.shape[0], train_step.x_shape
+    moments = torch.randn(batch, 2 * channels, size, size, pin_memory=ON_GPU).abs_()
+    images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8,
+                           pin_memory=ON_GPU)
+    counter = iter(range(10 ** 9))
+    return lambda: train_step(next(counter), images, moments, cond)

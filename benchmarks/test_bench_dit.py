@@ -66,8 +66,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench_utils import (DEVICE, ON_GPU, official_projection_loss, record_memory_and_mfu,
-                         timed)
+from bench_utils import (DEVICE, ON_GPU, loader_step, official_projection_loss,
+                         record_memory_and_mfu, timed)
 from test_bench_train import make_encoder
 from repa_fast.diffusion import (SpacedDiffusion, create_diffusion, extract_into_tensor,
                                  get_named_beta_schedule)
@@ -209,13 +209,8 @@ def repa_fast_step(case, encoder, image_size):
     model = build_model(config, channels, size, [encoder.embed_dim]).to(DEVICE).train()
     train_step = TrainStep.build(config, model, [encoder], DEVICE, x_shape=(channels, size, size),
                                  latents_scale=0.18215)
-    pin = ON_GPU
-    moments = torch.randn(batch, 2 * channels, size, size, pin_memory=pin).abs_()
-    labels = torch.randint(0, 1000, (batch,), pin_memory=pin)
-    images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8,
-                           pin_memory=pin)
-    counter = iter(range(10 ** 9))
-    return model, lambda: train_step(next(counter), images, moments, labels)
+    labels = torch.randint(0, 1000, (batch,), pin_memory=ON_GPU)
+    return model, loader_step(train_step, labels, image_size)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -78,8 +78,8 @@ import random
 import pytest
 import torch
 
-from bench_utils import (DEVICE, ON_GPU, official_projection_loss, record_memory_and_mfu,
-                         timed)
+from bench_utils import (DEVICE, ON_GPU, loader_step, official_projection_loss,
+                         record_memory_and_mfu, timed)
 from test_bench_dit import tf32
 from test_bench_train import ema_official, make_encoder
 from repa_fast.generation.sample_batch import SamplerConfig
@@ -214,13 +214,8 @@ def repa_fast_step(case, encoder, image_size):
     train_step = TrainStep.build(config, model, [encoder], DEVICE, x_shape=(channels, size, size),
                                  latents_scale=LATENTS_SCALE,
                                  empty_context=empty_context(length, width).to(DEVICE))
-    pin = ON_GPU
-    moments = torch.randn(batch, 2 * channels, size, size, pin_memory=pin).abs_()
-    contexts = torch.randn(batch, length, width, pin_memory=pin)
-    images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8,
-                           pin_memory=pin)
-    counter = iter(range(10 ** 9))
-    return model, lambda: train_step(next(counter), images, moments, contexts), None
+    contexts = torch.randn(batch, length, width, pin_memory=ON_GPU)
+    return model, loader_step(train_step, contexts, image_size), None
 
 
 @pytest.mark.parametrize("case", list(CASES))

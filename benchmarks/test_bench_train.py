@@ -23,8 +23,8 @@ import os
 import pytest
 import torch
 
-from bench_utils import (DEVICE, ON_GPU, official_projection_loss, record_memory_and_mfu,
-                         timed)
+from bench_utils import (DEVICE, ON_GPU, loader_step, official_projection_loss,
+                         record_memory_and_mfu, timed)
 from repa_fast.models import SiT_models
 from repa_fast.training.build import build_model
 from repa_fast.training.config import TrainConfig
@@ -116,13 +116,8 @@ def repa_fast_step(case, encoder, image_size):
     model = build_model(config, channels, size, [encoder.embed_dim]).to(DEVICE).train()
     train_step = TrainStep.build(config, model, [encoder], DEVICE, x_shape=(channels, size, size),
                                  latents_scale=0.18215)
-    pin = ON_GPU
-    moments = torch.randn(batch, 2 * channels, size, size, pin_memory=pin).abs_()
-    labels = torch.randint(0, 1000, (batch,), pin_memory=pin)
-    images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8,
-                           pin_memory=pin)
-    counter = iter(range(10 ** 9))
-    return model, lambda: train_step(next(counter), images, moments, labels)
+    labels = torch.randint(0, 1000, (batch,), pin_memory=ON_GPU)
+    return model, loader_step(train_step, labels, image_size)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -460,8 +460,9 @@ def generate_grid(args, draw, spec: ModelSpec, vae, latents_scale: float,
         row_conds = conditions.contexts(labels)
         print("rows: " + "; ".join(f"{r + 1}. {conditions.caption(r)}" for r in labels),
               flush=True)
-        columns = [(*initial_noise([0], seed, shape),) for seed in seeds]
-        columns = [(latents, None, generators) for latents, generators in columns]
+        # (latents, no label, generators): the layout of initial_draws' columns below
+        columns = [(latents, None, generators)
+                   for latents, generators in (initial_noise([0], seed, shape) for seed in seeds)]
     else:
         labels = args.class_labels if args.class_labels is not None else \
             list(range(min(8, spec.num_classes)))

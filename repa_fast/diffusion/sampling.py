@@ -55,11 +55,14 @@ class DiffusionSampling:
 
     def p_sample(self, model: Callable, x: torch.Tensor, t: torch.Tensor, clip_denoised=True,
                  denoised_fn=None, cond_fn=None, model_kwargs=None,
-                 generator: Optional[torch.Generator] = None) -> dict:
-        """x_{t-1} = μ_θ + [t > 0] exp(½ log σ²) z; returns ``{"sample", "pred_xstart"}``."""
+                 generator: Optional[torch.Generator] = None,
+                 noise_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
+        """x_{t-1} = μ_θ + [t > 0] exp(½ log σ²) z; returns ``{"sample", "pred_xstart"}``.
+        z is ``noise_fn(x)`` when given (e.g. per-sample streams), else ``randn_like`` (from
+        ``generator``); drawn after the model call either way."""
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised,
                                    denoised_fn=denoised_fn, model_kwargs=model_kwargs)
-        noise = _randn_like(x, generator)
+        noise = noise_fn(x) if noise_fn is not None else _randn_like(x, generator)
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
         sample = out["mean"] + _nonzero_mask(t, x) * torch.exp(0.5 * out["log_variance"]) * noise

@@ -7,8 +7,9 @@ and with ``cfg_scale > 1`` the batch is ``[z; z]`` with labels ``[y; null]`` thr
 dropped at the end. What differs is where the noise comes from: DDPM step k of sample ``i``
 draws ``randn(C, H, W)`` from sample i's own generator (:mod:`.seeding`, after its label and
 initial noise; T draws, the last one masked out as in the original), where the original draws
-the whole ``[2B, C, H, W]`` from the global RNG. The step itself is ``p_sample``'s expression,
-so a batch equals ``diffusion.p_sample_loop`` fed the same noise (the test suite checks this).
+the whole ``[2B, C, H, W]`` from the global RNG. The step is ``p_sample`` with that noise
+(``noise_fn``), so a batch equals ``diffusion.p_sample_loop`` fed the same noise (the test
+suite checks this).
 DDIM with η = 0 uses no noise after the initial draw.
 """
 from __future__ import annotations
@@ -101,18 +102,20 @@ def sample_dit_latents(call: DiTOutput, diffusion, latents: torch.Tensor, labels
     # streams and the global RNG untouched
     scratch = torch.Generator(device=x.device).manual_seed(0) if config.sampler == "ddim" \
         else None
+
+    def step_noise(x: torch.Tensor) -> torch.Tensor:
+        z = noise(latents)  # each sample's own stream; the guided half shares its row's
+        return torch.cat([z, z]) if guided else z
+
     for i in reversed(range(diffusion.num_timesteps)):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)  # no host copy
         if config.sampler == "ddim":
             x = diffusion.ddim_sample(call, x, t, clip_denoised=False, model_kwargs=kwargs,
                                       eta=0.0, generator=scratch)["sample"]
             continue
-        out = diffusion.p_mean_variance(call, x, t, clip_denoised=False, model_kwargs=kwargs)
-        z = noise(latents)
-        z = torch.cat([z, z]) if guided else z
-        # p_sample's expression, term for term (the last step's noise is drawn and masked)
-        mask = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
-        x = out["mean"] + mask * torch.exp(0.5 * out["log_variance"]) * z
+        # the last step's noise is drawn and masked, as the original's
+        x = diffusion.p_sample(call, x, t, clip_denoised=False, model_kwargs=kwargs,
+                               noise_fn=step_noise)["sample"]
     if config.sampler == "ddpm" and noise.draws != diffusion.num_timesteps:
         raise RuntimeError(f"DiT sampling drew noise {noise.draws} times for "
                            f"{diffusion.num_timesteps} steps: per-sample seeding needs updating")

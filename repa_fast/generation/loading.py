@@ -293,6 +293,15 @@ def _check_head_flags(flags: Mapping, args: Mapping, weights: Weights) -> int:
     return int(encoder_depth)
 
 
+def _resolve_path_type(flags: Mapping, args: Mapping) -> str:
+    """The interpolant of a SiT or MMDiT: flag, else the checkpoint's args, else linear."""
+    path_type = _pick(flags.get("path_type"), args.get("path_type"), "linear")
+    if path_type not in ("linear", "cosine"):
+        raise UsageError(f"--path-type must be linear or cosine; the checkpoint's args say "
+                         f"{path_type!r}")
+    return path_type
+
+
 def resolve_mmdit_spec(flags: Mapping, args: Mapping, weights: Weights) -> ModelSpec:
     """:func:`resolve_spec` for an MMDiT (text-to-image) checkpoint."""
     name = f"MMDiT-d{weights.depth}/{weights.patch_size}"
@@ -306,10 +315,7 @@ def resolve_mmdit_spec(flags: Mapping, args: Mapping, weights: Weights) -> Model
                          f"it out")
     encoder_depth = _check_head_flags(flags, args, weights)
     resolution = _resolve_resolution(flags.get("resolution"), args.get("resolution"), weights)
-    path_type = _pick(flags.get("path_type"), args.get("path_type"), "linear")
-    if path_type not in ("linear", "cosine"):
-        raise UsageError(f"--path-type must be linear or cosine; the checkpoint's args say "
-                         f"{path_type!r}")
+    path_type = _resolve_path_type(flags, args)
     options = dict(weights.mmdit_options, rmsnorm=bool(args.get("rmsnorm", False)))
     return ModelSpec(
         model=name, num_classes=0, encoder_depth=int(encoder_depth), z_dims=weights.z_dims,
@@ -341,11 +347,7 @@ def resolve_spec(flags: Mapping, args: Mapping, weights: Weights) -> ModelSpec:
         # DiT samples its discrete diffusion: no path; learn_sigma is the output's width
         path_type, learn_sigma = None, weights.learn_sigma
     else:
-        path_type, learn_sigma = _pick(flags.get("path_type"), args.get("path_type"),
-                                       "linear"), None
-    if path_type not in ("linear", "cosine") and learn_sigma is None:
-        raise UsageError(f"--path-type must be linear or cosine; the checkpoint's args say "
-                         f"{path_type!r}")
+        path_type, learn_sigma = _resolve_path_type(flags, args), None
     return ModelSpec(
         model=model, num_classes=num_classes, encoder_depth=int(encoder_depth),
         z_dims=weights.z_dims, projector_dim=weights.projector_dim or 2048,

@@ -41,12 +41,10 @@ def t2i_samples(ema_model, noise: torch.Tensor, contexts: torch.Tensor,
     """MMDiT samples from ``noise`` and caption ``contexts`` [n, L, D]: the official t2i
     Euler sampler, 50 steps, CFG 4.0 against ``empty_context`` [L, D], the projectors not run
     (``forward_with_hidden``)."""
+    from ..generation.t2i_sampling import TextVelocity
     from ..transport.samplers_t2i import euler_sampler
-
-    def velocity(x, t, context):
-        return ema_model.forward_with_hidden(x, t, context=context)
     null = empty_context.to(contexts.dtype).expand(contexts.shape[0], *empty_context.shape)
-    return euler_sampler(velocity, noise, contexts, null, num_steps=GRID_STEPS,
+    return euler_sampler(TextVelocity(ema_model), noise, contexts, null, num_steps=GRID_STEPS,
                          cfg_scale=T2I_GRID_CFG).float()
 
 
