@@ -308,7 +308,8 @@ setup(
                                       "repa-fast-prepare=repa_fast.data.prepare:main",
                                       "repa-fast-generate=repa_fast.generate:main",
                                       "repa-fast-evaluate=repa_fast.evaluate:main",
-                                      "repa-fast-analyze=repa_fast.analyze:main"]},
+                                      "repa-fast-analyze=repa_fast.analyze:main",
+                                      "repa-fast-compare=repa_fast.compare:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

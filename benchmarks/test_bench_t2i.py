@@ -127,8 +127,8 @@ def make_t2i_encoder():
     whose 8×8 grid matches the MMDiT-d4/4's on 32 px (module docstring)."""
     if ON_GPU:
         return make_encoder()
-    from repa_fast.training.encoders import demo_encoder
-    return demo_encoder(64), 64
+    from repa_fast.training.demo_encoder import demo_encoder
+    return demo_encoder(64, "random"), 64  # speed only: untrained weights will do
 
 
 def empty_context(length: int, width: int) -> torch.Tensor:

@@ -49,8 +49,8 @@ def make_encoder():
             warnings.simplefilter("ignore")  # "random weights" warning
             return load_encoder("dinov2-vit-b", "random", 256, device=DEVICE,
                                 dtype=torch.bfloat16), 256
-    from repa_fast.training.encoders import demo_encoder
-    return demo_encoder(32), 32
+    from repa_fast.training.demo_encoder import demo_encoder
+    return demo_encoder(32, "random"), 32  # speed only: untrained weights will do
 
 
 class OfficialLoss(SILoss):

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: from the checkpoint, else linear)")
     g = p.add_argument_group("encoder (training's flags)")
     g.add_argument("--enc-type", help="encoder(s) to compare with, comma-separated; demo: the "
-                   "demo run's random ViT (default: the checkpoint's, else dinov2-vit-b)")
+                   "demo run's tiny ViT (default: the checkpoint's, else dinov2-vit-b)")
     g.add_argument("--enc-weights", help="a folder of official weight files, one file per "
                    "encoder, or random (default: the checkpoint's, else ckpts)")
     g = p.add_argument_group("analysis")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from repa_fast.analysis.features import BlockHooks, NoisyInput, check_blocks, draw_noise
+from repa_fast.analysis.features import (BlockHooks, NoisyInput, TokenPick, check_blocks,
+                                         draw_noise)
 from repa_fast.analysis.probe import ProbeConfig, linear_probe
 from repa_fast.analyze import build_parser, main
 from repa_fast.errors import UsageError
@@ -85,6 +86,41 @@ def test_hooks_read_every_block_output():
     assert not torch.allclose(hooks.pooled[1], hooks.pooled[3])
 
 
+def test_token_pick_reads_one_token_per_sample_on_the_common_grid():
+    # the model's 4x4 grid pooled 2x2 onto the encoder's 2x2 grid; position p of sample i
+    model_tokens, encoder_tokens = torch.randn(3, 16, 5), torch.randn(3, 4, 7)
+    fractions = torch.tensor([0.0, 0.3, 0.99])  # -> positions 0, 1, 3 of 4
+    pick = TokenPick(16, 4, fractions)
+    assert pick.positions.tolist() == [0, 1, 3]
+    grid = model_tokens.view(3, 2, 2, 2, 2, 5).mean(dim=(2, 4)).reshape(3, 4, 5)
+    torch.testing.assert_close(pick.model(model_tokens), grid[torch.arange(3), [0, 1, 3]])
+    torch.testing.assert_close(pick.encoder(encoder_tokens),
+                               encoder_tokens[torch.arange(3), [0, 1, 3]])
+    # the encoder's grid the finer one: it is pooled instead
+    swapped = TokenPick(4, 16, fractions)
+    torch.testing.assert_close(swapped.encoder(model_tokens), grid[torch.arange(3), [0, 1, 3]])
+    # no common grid (3x3 against 2x2), or not square: no per-token numbers
+    assert TokenPick.maybe(9, 4, fractions) is None and TokenPick.maybe(8, 4, fractions) is None
+
+
+def test_hooks_pick_tokens_while_asked():
+    from repa_fast.models.sit import SiT
+    model = SiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+                num_classes=4, z_dims=[16], encoder_depth=1, projector_dim=24).eval()
+    x, t, y = torch.randn(5, 3, 8, 8), torch.rand(5), torch.randint(0, 4, (5,))
+    hooks = BlockHooks(model, [2])
+    with torch.no_grad():
+        model.forward_with_hidden(x, t, y)
+        assert hooks.picked == {}
+        hooks.pick = TokenPick(16, 4, torch.rand(5))
+        model.forward_with_hidden(x, t, y)
+        h, c = model._embed(x, t, y)
+        for block in model.blocks:
+            h = block(h, c)
+    torch.testing.assert_close(hooks.picked[2], hooks.pick.model(h))
+    hooks.remove()
+
+
 class Spec:
     def __init__(self, dit: bool, path_type="linear"):
         self.is_dit, self.path_type = dit, path_type
@@ -161,16 +197,18 @@ def record(demo):
 
 def test_the_record_holds_every_block_and_time(record):
     found, out = record
-    blocks = list(range(1, 9))  # SiT-T/4: 8 blocks
+    blocks = list(range(1, 9))  # SiT-T/2: 8 blocks
     assert found["format"] == "repa_fast-analysis-v1"
     assert found["times"] == list(TIMES) and found["blocks"] == blocks
-    assert found["checkpoint"]["model"]["model"] == "SiT-T/4"
+    assert found["checkpoint"]["model"]["model"] == "SiT-T/2"
     assert found["data"]["num_samples"] == 64 and found["data"]["num_classes"] == 12
     (encoder,) = found["encoders"]
     assert encoder["name"] == "demo" and encoder["embed_dim"] == 64
-    cknna = np.array(encoder["cknna"], dtype=float)
-    assert cknna.shape == (len(TIMES), len(blocks)) and np.isfinite(cknna).all()
-    assert (cknna > -0.5).all() and (cknna <= 1).all()
+    for key in ("cknna", "cknna_token"):  # SiT-T/2's 8x8 tokens at 16 px, the encoder's 8x8
+        cknna = np.array(encoder[key], dtype=float)
+        assert cknna.shape == (len(TIMES), len(blocks)) and np.isfinite(cknna).all()
+        assert (cknna > -0.5).all() and (cknna <= 1).all()
+    assert encoder["cknna_token"] != encoder["cknna"]
     probe = found["probe"]
     for key in ("accuracy", "train_accuracy"):
         values = np.array(probe[key], dtype=float)
@@ -237,7 +275,7 @@ def test_missing_inputs_exit_2(demo, tmp_path, capsys):
 def test_a_bare_dit_state_dict(demo, tmp_path):
     """A DiT (here random, from a bare state dict) sees its diffusion's x_s, s = round(t·999)."""
     from repa_fast.models import DiT_models
-    model = DiT_models["DiT-T/8"](input_size=32, in_channels=3, num_classes=12, z_dims=[64],
+    model = DiT_models["DiT-T/4"](input_size=16, in_channels=3, num_classes=12, z_dims=[64],
                                   encoder_depth=2, class_dropout_prob=0.1)
     torch.save(model.state_dict(), tmp_path / "dit.pt")
     _, data, _ = demo
@@ -245,7 +283,7 @@ def test_a_bare_dit_state_dict(demo, tmp_path):
                  str(tmp_path), "--num-classes", "12", "--encoder-depth", "2", "--blocks", "1,2",
                  "--no-probe", "--no-plot", *FAST]) == 0
     found = json.loads((tmp_path / "analysis.json").read_text())
-    assert found["checkpoint"]["model"]["model"] == "DiT-T/8"
+    assert found["checkpoint"]["model"]["model"] == "DiT-T/4"
     assert np.array(found["encoders"][0]["cknna"]).shape == (len(TIMES), 2)
 
 

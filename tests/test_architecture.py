@@ -12,9 +12,11 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "repa_fast"
 
-# The foundation every part may use: the package root, errors, atomic writes, the version, the
-# compiled extension. Everything else is a "part": a sub-package or a top-level module.
-BASE = {"repa_fast", "errors", "atomic_write", "version", "_C", "_build_info"}
+# The foundation every part may use: the package root, errors, atomic writes, the machine cache
+# folder, the version, the compiled extension. Everything else is a "part": a sub-package or a
+# top-level module.
+BASE = {"repa_fast", "errors", "atomic_write", "machine_cache", "version", "_C",
+        "_build_info"}
 
 # part -> the parts it may import (besides BASE and itself). Lower layers first.
 ALLOWED: dict[str, set[str]] = {
@@ -36,12 +38,15 @@ ALLOWED: dict[str, set[str]] = {
                  "analysis.cknna", "analysis.features", "analysis.samples"},
     # the alignment analysis: a checkpoint (as generation loads it), the frozen encoders (as
     # training builds them), the data, the noisy inputs of the model's path / diffusion, and
-    # the alignment op's token pooling (its cosine is training's proj_loss)
+    # the alignment op's token pooling (its cosine is training's proj_loss); the demo's
+    # comparison: its trained encoder's drawing and fitting, generation's pixel conversion,
+    # evaluation's Fréchet distance
     "analysis": {"transport", "diffusion", "encoders", "vae", "data", "generation.loading",
-                 "training.config", "training.encoders", "ops.alignment_common"},
+                 "training.config", "training.encoders", "ops.alignment_common",
+                 "training.demo_encoder", "generation.sample_batch", "evaluation.metrics"},
 }
 # The commands sit on top and may import any part.
-COMMANDS = {"train", "generate", "evaluate", "info", "analyze"}
+COMMANDS = {"train", "generate", "evaluate", "info", "analyze", "compare"}
 
 
 class Import(NamedTuple):

@@ -160,6 +160,7 @@ KNOWN_WITHOUT_DEFAULT = {
     "generate": set(),
     "evaluate": set(),
     "analyze": set(),
+    "compare": set(),
     "data.prepare": set(),
 }
 

@@ -88,7 +88,8 @@ def test_config_json_records_the_resolved_values(monkeypatch, tmp_path):
                     reason="not a git checkout")
 def test_quick_start_outputs_are_ignored_by_git():
     outputs = ["exps/demo/metrics.jsonl", "exps/demo-data/index.json",
-               "exps/demo/checkpoints/0000400.pt", "grid.png", "samples/run/000000.png",
+               "exps/demo/checkpoints/0001000.pt", "exps/compare/compare.json", "grid.png",
+               "samples/run/000000.png",
                "data/imagenet256/index.json", "ckpts/dinov2_vitb14_pretrain.pth"]
     proc = subprocess.run(["git", "check-ignore", "--no-index", *outputs], cwd=ROOT,
                           capture_output=True, text=True)

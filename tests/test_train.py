@@ -35,7 +35,7 @@ def test_demo_trains_logs_checkpoints_and_samples(tmp_path):
     assert {"loss", "proj_loss", "grad_norm", "images_per_sec"} <= logged[0].keys()
     assert list_checkpoints(str(run / "checkpoints")) == [3, 6]
     assert (run / "samples" / "0000006.png").exists()
-    assert json.loads((run / "config.json").read_text())["model"] == "SiT-T/4"
+    assert json.loads((run / "config.json").read_text())["model"] == "SiT-T/2"
     # the consolidated file loads like an official checkpoint
     ckpt = torch.load(run / "checkpoints" / "0000006.pt", weights_only=True)
     assert {"model", "ema", "args", "steps", "opt"} <= ckpt.keys() and ckpt["steps"] == 6
@@ -261,7 +261,7 @@ def test_safetensors_copies_and_export(tmp_path):
         ["0000006-ema.safetensors", "0000006-model.safetensors"]  # step 3's pruned with it
     state = torch.load(ckpts / "0000006.pt", weights_only=True)
     with safe_open(str(ckpts / "0000006-ema.safetensors"), "pt") as f:
-        assert json.loads(f.metadata()["args"])["model"] == "SiT-T/4"
+        assert json.loads(f.metadata()["args"])["model"] == "SiT-T/2"
         assert f.metadata()["steps"] == "6"
         assert set(f.keys()) == set(state["ema"])
         assert all(torch.equal(f.get_tensor(k), state["ema"][k]) for k in f.keys())

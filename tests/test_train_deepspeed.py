@@ -65,7 +65,7 @@ def test_zero_save_and_exact_resume(tmp_path, stage, model):
         built = build_model(TrainConfig(**PRESETS["demo-t2i"]), 3, 32, [64], context_dim=64)
     else:
         demo = dict(PRESETS["demo"], **({"model": model[1]} if model else {}))
-        built = build_model(TrainConfig(**demo), 3, 32, [64])  # SiT-T/4 or DiT-T/4
+        built = build_model(TrainConfig(**demo), 3, 16, [64])  # the demo: 16 px
     assert type(built).__name__ == {(): "SiT", DIT: "DiT", T2I: "MMDiT"}[model]
     built.load_state_dict(ckpt["model"])
     assert (tmp_path / "full" / "demo" / "checkpoints" / "deepspeed" / "0000004").is_dir()

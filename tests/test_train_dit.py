@@ -49,17 +49,17 @@ def test_dit_step_loss_equals_an_independent_computation():
     config = parse_args(["--preset", "demo", "--model", "DiT-T/4", "--batch-size", "4"])
     torch.manual_seed(0)
     encoders = build_encoders(config, torch.device("cpu"), torch.float32)
-    model = build_model(config, 3, 32, [e.embed_dim for e in encoders]).train()
+    model = build_model(config, 3, 16, [e.embed_dim for e in encoders]).train()
     reference = copy.deepcopy(model)
-    step = TrainStep.build(config, model, encoders, torch.device("cpu"), x_shape=(3, 32, 32))
+    step = TrainStep.build(config, model, encoders, torch.device("cpu"), x_shape=(3, 16, 16))
     gen = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    moments = torch.cat([torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1,
-                         torch.full((4, 3, 32, 32), 0.01)], dim=1)
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    moments = torch.cat([torch.rand(4, 3, 16, 16, generator=gen) * 2 - 1,
+                         torch.full((4, 3, 16, 16), 0.01)], dim=1)
     labels = torch.randint(0, config.num_classes, (4,), generator=gen)
     out = step(5, images, moments, labels)
 
-    draws = step_draws(config, 5, 4, (3, 32, 32), 0, 1)
+    draws = step_draws(config, 5, 4, (3, 16, 16), 0, 1)
     assert draws.time.dtype == torch.int64 and 0 <= draws.time.min() <= draws.time.max() < 1000
     x = sample_posterior(moments, 1.0, noise=draws.eps)
     with torch.no_grad():

@@ -16,7 +16,11 @@ batch size and device):
   ``cos_k`` = the mean over tokens of cos(projector k's token, encoder k's token), the finer
   grid average-pooled to the coarser as the alignment op does: what REPA's loss maximises
   (``proj_loss = −cos`` averaged over samples);
-* ``e_k`` = encoder k's patch tokens of the clean image, mean-pooled: [e_k].
+* ``e_k`` = encoder k's patch tokens of the clean image, mean-pooled: [e_k];
+* per token, for the first encoder: one token position ``p_i`` per sample (seeded), on the
+  coarser of the model's and the encoder's grids (the finer one average-pooled to it, as the
+  alignment op does): ``h_b[p_i]`` [D] and ``e_0[p_i]`` [e_0], so that CKNNA also measures
+  what REPA aligns, patch token against patch token, not only the image-level means.
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ class Features:
     projections: list               # per projector: [times, n, z_k]
     cosines: list                   # per projector: [times, n], or None (grids differ)
     labels: torch.Tensor            # int64 [n]
+    block_tokens: Optional[torch.Tensor] = None    # [times, blocks, n, D] at p_i, or None
+    encoder_tokens: Optional[torch.Tensor] = None  # [n, e_0] at p_i (None: grids differ)
 
 
 class NoisyInput:
@@ -99,21 +105,58 @@ def draw_noise(count: int, shape: tuple, seed: int) -> tuple:
 
 
 class BlockHooks:
-    """Forward hooks keeping the mean over tokens of chosen blocks' outputs."""
+    """Forward hooks keeping the mean over tokens of chosen blocks' outputs, and, while
+    ``pick`` is set (a :class:`TokenPick`), the picked token of each sample."""
 
     def __init__(self, model: torch.nn.Module, blocks: Sequence[int]):
         self.pooled: dict = {}
+        self.picked: dict = {}
+        self.pick: Optional[TokenPick] = None
         self.handles = [model.blocks[b - 1].register_forward_hook(self._keep(b))
                         for b in blocks]
 
     def _keep(self, block: int):
         def hook(module, inputs, output):
             self.pooled[block] = output.float().mean(1)
+            if self.pick is not None:
+                self.picked[block] = self.pick.model(output)
         return hook
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+class TokenPick:
+    """One token per sample at ``positions`` [b] of the common grid of a model's and an
+    encoder's token grids (the finer average-pooled to the coarser)."""
+
+    def __init__(self, model_tokens: int, encoder_tokens: int, fractions: torch.Tensor):
+        self.sides = [math.isqrt(model_tokens), math.isqrt(encoder_tokens)]
+        if any(side * side != n for side, n in zip(self.sides, (model_tokens, encoder_tokens))):
+            raise ValueError("token grids must be square")
+        self.k_model, self.k_encoder = pool_ratio(*self.sides)  # ValueError: no common grid
+        side = self.sides[0] // self.k_model
+        self.positions = (fractions * side * side).long().clamp_max(side * side - 1)
+
+    @classmethod
+    def maybe(cls, model_tokens: int, encoder_tokens: int,
+              fractions: torch.Tensor) -> Optional["TokenPick"]:
+        try:
+            return cls(model_tokens, encoder_tokens, fractions)
+        except ValueError:
+            return None
+
+    def _at(self, tokens: torch.Tensor, side: int, k: int) -> torch.Tensor:
+        pooled = avg_pool_tokens(tokens.float(), side, k)
+        rows = torch.arange(len(tokens), device=tokens.device)
+        return pooled[rows, self.positions.to(tokens.device)].cpu()
+
+    def model(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._at(tokens, self.sides[0], self.k_model)
+
+    def encoder(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._at(tokens, self.sides[1], self.k_encoder)
 
 
 def pooled(tokens: torch.Tensor) -> torch.Tensor:
@@ -154,6 +197,10 @@ def extract(model: torch.nn.Module, spec, encoders: list, reader, times: Sequenc
     projections = [torch.empty(len(times), n, z) for z in spec.z_dims]
     cosines: list = [torch.empty(len(times), n) for _ in spec.z_dims]
     encoded: list = [torch.empty(n, enc.embed_dim) for enc in encoders]
+    # per token: where each sample is read, as a fraction of the common grid (seeded)
+    fractions = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1))
+    block_tokens = torch.empty(len(times), len(blocks), n, width) if encoders else None
+    encoder_tokens = None
     hooks = BlockHooks(model, blocks)
     try:
         start = 0
@@ -162,6 +209,16 @@ def extract(model: torch.nn.Module, spec, encoders: list, reader, times: Sequenc
             targets = [enc(images.to(device)) for enc in encoders]
             for k, tokens in enumerate(targets):
                 encoded[k][part] = pooled(tokens)
+            hooks.pick = None
+            if block_tokens is not None:
+                hooks.pick = TokenPick.maybe(model.num_patches,
+                                             targets[0].shape[1], fractions[part])
+                if hooks.pick is None:
+                    block_tokens = None  # no common grid: no per-token numbers
+                else:
+                    if encoder_tokens is None:
+                        encoder_tokens = torch.empty(n, targets[0].shape[-1])
+                    encoder_tokens[part] = hooks.pick.encoder(targets[0])
             x0 = sample_posterior(moments.to(device), reader.latents_scale,
                                   noise=eps[part].to(device))
             y = labels.to(device)
@@ -170,6 +227,8 @@ def extract(model: torch.nn.Module, spec, encoders: list, reader, times: Sequenc
                 x_t, model_t = noisy(x0, noise[part].to(device), t)
                 _, hidden = model.forward_with_hidden(x_t, model_t, y, force_drop_ids=drop)
                 out[i, :, part] = torch.stack([hooks.pooled[b] for b in blocks]).cpu()
+                if block_tokens is not None:
+                    block_tokens[i, :, part] = torch.stack([hooks.picked[b] for b in blocks])
                 for k, projector in enumerate(model.projectors):
                     projected = projector(hidden)
                     projections[k][i, part] = pooled(projected)
@@ -183,4 +242,5 @@ def extract(model: torch.nn.Module, spec, encoders: list, reader, times: Sequenc
                 progress.update(len(labels))
     finally:
         hooks.remove()
-    return Features(out, encoded, projections, cosines, reader.labels)
+    return Features(out, encoded, projections, cosines, reader.labels, block_tokens,
+                    encoder_tokens if block_tokens is not None else None)

@@ -1,8 +1,9 @@
 """``analysis.png``: the record of :mod:`.report` at a glance (matplotlib, Agg backend).
 
 One panel per encoder: CKNNA against block depth, one curve per time t (REPA's alignment block
-``encoder_depth`` marked); then the linear probe's accuracy against depth, one curve per t,
-with the encoder's own probe (dashed) and the majority-class rate (dotted) for scale."""
+``encoder_depth`` marked; dashed: per token, for the first encoder); then the linear probe's
+accuracy against depth, one curve per t, with the encoder's own probe (dashed) and the
+majority-class rate (dotted) for scale."""
 from __future__ import annotations
 
 import os
@@ -23,13 +24,17 @@ def _pyplot():
     return plt
 
 
-def _curves(axis, record: dict, values: list, colours) -> None:
+def _curves(axis, record: dict, values: list, colours, per_token: bool = False) -> None:
     blocks = record["blocks"]
     for colour, t, row in zip(colours, record["times"], values):
         ys = [float("nan") if v is None else v for v in row]
-        axis.plot(blocks, ys, marker="o", markersize=3, color=colour, label=f"t = {t:g}")
+        if per_token:
+            axis.plot(blocks, ys, linestyle="--", linewidth=1, color=colour,
+                      label=f"t = {t:g}, per token")
+        else:
+            axis.plot(blocks, ys, marker="o", markersize=3, color=colour, label=f"t = {t:g}")
     depth = record["checkpoint"]["model"].get("encoder_depth")
-    if depth is not None:
+    if depth is not None and not per_token:
         axis.axvline(depth, color="0.6", linewidth=0.8, linestyle="-.",
                      label=f"REPA block ({depth})")
     axis.set_xlabel("block (depth)")
@@ -53,6 +58,8 @@ def plot(record: dict, path: str) -> None:
                                        for i in range(len(record["times"]))])
     for axis, encoder in zip(axes[0], encoders):
         _curves(axis, record, encoder["cknna"], colours)
+        if encoder.get("cknna_token") is not None:
+            _curves(axis, record, encoder["cknna_token"], colours, per_token=True)
         axis.set_ylabel(f"CKNNA (k = {record['settings']['knn']})")
         axis.set_title(f"alignment with {encoder['name']}", fontsize=10)
         _legend(axis)

@@ -4,14 +4,18 @@ Layout (T times, B blocks; lists indexed ``[time][block]`` follow ``times`` and 
 
     format, versions, settings, device, checkpoint{path, weights, model{...spec}},
     data{data_dir, num_samples, num_classes, resolution, pixel_space}, times[T], blocks[B],
-    encoders[{name, embed_dim, weights, cknna[T][B], probe{accuracy, train_accuracy} | null}],
+    encoders[{name, embed_dim, weights, cknna[T][B], cknna_token[T][B] | null,
+              probe{accuracy, train_accuracy} | null}],
     projection[{projector, encoder, block, cknna[T] | null, cosine[T] | null}],
     probe{accuracy[T][B], train_accuracy[T][B], train_loss[T][B], num_train, num_test,
           num_classes, majority_accuracy, steps, lr, weight_decay} | null,
     summary{best_cknna_block[T], best_probe_block[T] | null}   (first encoder; 1-based)
 
 ``cknna``: CKNNA (k = settings.knn) between the blocks' mean-pooled hidden states on
-``x_t`` and the encoder's mean-pooled features of the clean image; ``projection``: the same
+``x_t`` and the encoder's mean-pooled features of the clean image; ``cknna_token`` (first
+encoder only; null for the others, or when the grids have no common grid): the same between
+one token per sample, at a seeded position, and the encoder's token there
+(:mod:`.features`); ``projection``: the same
 for projector k's output (block ``encoder_depth``) against encoder k, and ``cosine`` the
 mean token cosine similarity REPA maximises (−proj_loss). Non-finite numbers are null.
 """
@@ -70,7 +74,7 @@ def best_blocks(values: list, blocks: list) -> list:
 def results(*, settings: dict, spec, args: dict, enc_type: str, enc_weights: str,
             encoders: list, reader, blocks: list, features, alignment: list,
             projection: list, probes: Optional[dict], num_train: Optional[int],
-            device: torch.device) -> dict:
+            device: torch.device, token_alignment: Optional[torch.Tensor] = None) -> dict:
     """The record (module doc) of one :func:`repa_fast.analysis.run.run_analysis`."""
     weights = enc_weights.split(",")
     names = enc_type.split(",")
@@ -84,7 +88,9 @@ def results(*, settings: dict, spec, args: dict, enc_type: str, enc_weights: str
         records.append(dict(name=names[k] if k < len(names) else encoder.name,
                             embed_dim=int(encoder.embed_dim),
                             weights=weights[k] if k < len(weights) else weights[0],
-                            cknna=table(values), probe=probe))
+                            cknna=table(values),
+                            cknna_token=table(token_alignment) if k == 0 and
+                            token_alignment is not None else None, probe=probe))
     projections = []
     for k, values in enumerate(projection):
         cos = features.cosines[k]

@@ -99,7 +99,7 @@ def load_model(settings: AnalysisSettings, resolution: int):
 
 def build_encoders(enc_type: str, enc_weights: str, resolution: int,
                    device: torch.device) -> list:
-    """The frozen encoders of ``--enc-type`` (``demo``: the demo run's random ViT)."""
+    """The frozen encoders of ``--enc-type`` (``demo``: the demo run's tiny ViT)."""
     from ..encoders import ENCODER_NAMES
     from ..training.config import TrainConfig
     from ..training.encoders import build_encoders as build, check_encoder_resolution
@@ -120,9 +120,10 @@ def build_encoders(enc_type: str, enc_weights: str, resolution: int,
 
 def encoder_choice(settings: AnalysisSettings, args: dict) -> tuple:
     """``(enc_type, enc_weights)``: the flags, else the checkpoint's training args, else the
-    official defaults (``dinov2-vit-b``, the folder ``ckpts``)."""
+    official defaults (``dinov2-vit-b``, the folder ``ckpts``; the demo's: ``trained``)."""
     enc_type = settings.enc_type or args.get("enc_type") or "dinov2-vit-b"
-    enc_weights = settings.enc_weights or args.get("enc_weights") or "ckpts"
+    enc_weights = settings.enc_weights or args.get("enc_weights") or \
+        ("trained" if enc_type == "demo" else "ckpts")
     return str(enc_type), str(enc_weights)
 
 
@@ -177,6 +178,8 @@ def run_analysis(settings: AnalysisSettings) -> dict:
                         settings.batch_size, device, settings.seed, settings.condition, bar)
     q, k = settings.outlier_quantile, settings.knn
     alignment = [cknna_table(feats.blocks, e, k, q, device) for e in feats.encoders]
+    token_alignment = None if feats.block_tokens is None else \
+        cknna_table(feats.block_tokens, feats.encoder_tokens, k, q, device)
     # projector j was trained against encoder j (when the encoders are the training's)
     projection = [cknna_table(p, feats.encoders[j], k, q, device) if j < len(feats.encoders)
                   else None for j, p in enumerate(feats.projections)]
@@ -194,5 +197,6 @@ def run_analysis(settings: AnalysisSettings) -> dict:
                                     for e in feats.encoders])
     return results(settings=asdict(settings), spec=spec, args=args, enc_type=enc_type,
                    enc_weights=enc_weights, encoders=encoders, reader=reader, blocks=blocks,
-                   features=feats, alignment=alignment, projection=projection, probes=probes,
+                   features=feats, alignment=alignment, token_alignment=token_alignment,
+                   projection=projection, probes=probes,
                    num_train=num_train, device=device)

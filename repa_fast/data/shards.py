@@ -68,6 +68,7 @@ except ImportError:  # not POSIX: processes may hash a shard at the same time, n
 
 from ..atomic_write import publish, temporary_name, write_json_atomic
 from ..errors import UsageError
+from ..machine_cache import cache_root
 
 INDEX = "index.json"
 FORMAT = "repa_fast-webdataset-v1"
@@ -78,7 +79,6 @@ EMPTY_CONTEXT = "empty_context.npy"
 
 
 CHUNK = 4 << 20  # bytes hashed at a time
-CACHE_ENV = "REPA_FAST_CACHE"  # the per-machine cache folder (module doc)
 VERIFIED = "verified-shards"
 
 
@@ -286,9 +286,7 @@ def verify_shard(directory: str, entry: dict, full: bool = True,
 def verified_dir() -> Optional[str]:
     """This machine's folder of verified-shard records (module doc), created; None when it
     cannot be written."""
-    base = os.environ.get(CACHE_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "repa_fast")
-    folder = os.path.join(os.path.expanduser(base), VERIFIED)
+    folder = os.path.join(cache_root(), VERIFIED)
     try:
         os.makedirs(folder, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe-")

@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional
 
 import triton
 
+from ..machine_cache import cache_root
 from .tuning import INTERPRET
 
 FORMAT = "repa_fast-tiles/1"
@@ -293,9 +294,7 @@ def cache_path() -> Optional[str]:
     if folder is None:
         if INTERPRET:
             return None
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-        # the package's per-machine cache folder (verified shards live there too)
-        folder = os.environ.get("REPA_FAST_CACHE") or os.path.join(base, "repa_fast")
+        folder = cache_root()  # the package's per-machine cache (verified shards too)
     elif folder.strip().lower() in _OFF:
         return None
     card = re.sub(r"[^A-Za-z0-9.-]+", "_", _card()).strip("_")

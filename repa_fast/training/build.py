@@ -130,6 +130,11 @@ def build_run(config: TrainConfig, dist: Distributed) -> Run:
     check_deepspeed(config)
     if config.enc_type != "demo":
         encoder_weight_files(config)  # a missing file stops here, before data and models
+    elif config.enc_weights == "trained":
+        if dist.main:  # trained once, by one process; the others then read the cache
+            from .demo_encoder import trained_state
+            trained_state(config.resolution)
+        dist.barrier()
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

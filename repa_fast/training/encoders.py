@@ -1,5 +1,6 @@
 """The frozen encoders a run aligns to (``--enc-type``, ``--enc-weights``), checked before
-anything is built: their resolutions and weight files; ``demo`` is a tiny random ViT."""
+anything is built: their resolutions and weight files; ``demo`` is the demo's tiny ViT
+(:mod:`.demo_encoder`)."""
 from __future__ import annotations
 
 import os
@@ -8,20 +9,6 @@ import torch
 
 from ..errors import UsageError
 from .config import TrainConfig
-
-
-def demo_encoder(resolution: int):
-    """A tiny random ViT (patch 8, width 64) standing in for DINOv2 in the demo."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    from ..encoders import EncoderSpec, FrozenEncoder
-    spec = EncoderSpec(name="demo", family="mae", timm_model="vit_tiny_demo", timm_kwargs=(),
-                       patch_size=8, embed_dim=64, num_prefix_tokens=1, final_norm=True,
-                       checkpoint="", url="(random weights: the demo encoder is never trained)")
-    torch.manual_seed(1234)  # the same targets in every demo run
-    backbone = VisionTransformer(img_size=resolution, patch_size=8, embed_dim=64, depth=2,
-                                 num_heads=2, num_classes=0)
-    return FrozenEncoder(spec, backbone, resolution)
 
 
 def check_encoder_resolution(config: TrainConfig) -> None:
@@ -44,7 +31,7 @@ def check_encoder_resolution(config: TrainConfig) -> None:
             f"{' or '.join(map(str, sizes))} px only (its patch grid and preprocessing follow "
             f"the official code); prepare the data at {sizes[0]} px "
             f"(python -m repa_fast.data.prepare --resolution {sizes[0]}), or train with "
-            f"--enc-type demo (a tiny random encoder for any resolution divisible by 8; "
+            f"--enc-type demo (the demo's tiny encoder, any resolution divisible by 8; "
             f"--enc-weights random gives untrained official encoders, still at "
             f"{' or '.join(map(str, sizes))} px){others}")
 
@@ -88,7 +75,8 @@ def encoder_weight_files(config: TrainConfig) -> list:
 
 def build_encoders(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> list:
     if config.enc_type == "demo":
-        return [demo_encoder(config.resolution).to(device)]
+        from .demo_encoder import demo_encoder
+        return [demo_encoder(config.resolution, config.enc_weights).to(device)]
     from ..encoders import load_encoder
     check_encoder_resolution(config)
     names = config.enc_type.split(",")
