@@ -20,22 +20,16 @@ import os
 import sys
 from typing import Optional
 
+from .cli_help import HelpFormatter
 from .errors import USAGE_AND_VALUE, UsageError, run_cli
 
 DEFAULT_TIMES = "0,0.25,0.5,0.75"
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None (flags whose help says where the value comes from)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m repa_fast.analyze",
                                 description=__doc__.split("\n")[0],
-                                formatter_class=_HelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("inputs and output")
     g.add_argument("--ckpt", required=True, help="official REPA / repa_fast checkpoint, or a "
                    "bare SiT/DiT state dict")

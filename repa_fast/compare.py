@@ -20,18 +20,24 @@ import subprocess
 import sys
 from typing import Optional
 
+from .cli_help import HelpFormatter
 from .errors import USAGE_AND_VALUE, UsageError, run_cli
 
 ARMS = ("repa", "baseline")
 # flags compare sets itself on both runs
 OWNED = ("--output-dir", "--exp-name", "--proj-coeff", "--seed", "--max-train-steps",
          "--resume", "--overwrite", "--preset")
+# flags that would leave the demo's pixel-space shapes, which the shape judge reads
+NOT_THE_DEMO = ("--data-dir", "--data-path", "--vae")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m repa_fast.compare", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m repa_fast.compare",
+        description="REPA against no REPA on the demo: the same run twice, once with "
+        "--proj-coeff 0, then both measured (denoising loss, CKNNA, linear probes, a shape "
+        "judge's verdict on samples).",
+        formatter_class=HelpFormatter,
         epilog="Other flags go to both training runs (python -m repa_fast.train --help).")
     p.add_argument("--out", default=os.path.join("exps", "compare"),
                    help="folder of the two runs, compare.json and compare.png")
@@ -56,6 +62,17 @@ def check(args: argparse.Namespace, extra: list) -> None:
     if owned:
         raise UsageError(f"{owned[0].split('=')[0]}: compare sets it on both runs itself "
                          f"(use compare's own --out, --proj-coeff, --max-train-steps, --seed)")
+    other = [f for f in extra if f.split("=")[0] in NOT_THE_DEMO]
+    if other:
+        raise UsageError(f"{other[0].split('=')[0]}: compare trains on the demo's built-in "
+                         f"shapes (pixel space), which its shape judge reads; train and "
+                         f"analyze other data with python -m repa_fast.train / analyze")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", default="SiT-")
+    chosen = model.parse_known_args(extra)[0].model
+    if not chosen.startswith("SiT-"):
+        raise UsageError(f"--model {chosen}: compare measures SiT runs (the denoising loss is "
+                         f"the SiT's velocity MSE); pass a SiT-* model")
     if not args.proj_coeff > 0:
         raise UsageError(f"--proj-coeff must be > 0 (the REPA run; the baseline has 0); got "
                          f"{args.proj_coeff}")

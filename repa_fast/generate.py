@@ -39,6 +39,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: deepspeed repa_
 
 from .ops.attention import CHOICES as ATTN_BACKENDS
 from .distributed import Distributed
+from .cli_help import HelpFormatter
 from .errors import run_cli
 from .generation.errors import UsageError
 from .generation.dit_sampling import (DIT_DEFAULT_STEPS, DIT_SAMPLERS, DiTOutput,
@@ -70,17 +71,10 @@ def _int_list(flag: str):
     return parse
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None (flags whose default comes from the checkpoint)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m repa_fast.generate",
                                 description=__doc__.split("\n")[0],
-                                formatter_class=_HelpFormatter)
+                                formatter_class=HelpFormatter)
     bool_flag = dict(action=argparse.BooleanOptionalAction, default=None)
     g = p.add_argument_group("checkpoint and model (default: from the checkpoint)")
     g.add_argument("--ckpt", required=True, help="official REPA / repa_fast checkpoint, or a "

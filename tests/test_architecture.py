@@ -13,9 +13,9 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "repa_fast"
 
 # The foundation every part may use: the package root, errors, atomic writes, the machine cache
-# folder, the version, the compiled extension. Everything else is a "part": a sub-package or a
-# top-level module.
-BASE = {"repa_fast", "errors", "atomic_write", "machine_cache", "version", "_C",
+# folder, the commands' help format, the version, the compiled extension. Everything else is a
+# "part": a sub-package or a top-level module.
+BASE = {"repa_fast", "errors", "atomic_write", "machine_cache", "cli_help", "version", "_C",
         "_build_info"}
 
 # part -> the parts it may import (besides BASE and itself). Lower layers first.

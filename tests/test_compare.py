@@ -25,6 +25,9 @@ TINY = ["--max-train-steps", "2", "--samples-per-class", "2", "--analysis-sample
     (["--samples-per-class", "0"], "--samples-per-class must be >= 1"),
     (["--analysis-samples", "3"], "--analysis-samples must be >= 16"),
     (["--loss-images", "0"], "--loss-images must be >= 1"),
+    (["--model", "DiT-T/2"], "--model DiT-T/2: compare measures SiT runs"),
+    (["--model=MMDiT-d4/4"], "--model MMDiT-d4/4: compare measures SiT runs"),
+    (["--data-dir", "data/imagenet256"], "--data-dir: compare trains on the demo's"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, flags, named):
     assert main(["--out", str(tmp_path / "c"), *flags]) == 2

@@ -180,3 +180,33 @@ def test_generate_takes_the_checkpoints_vae_when_none_is_given(tmp_path, capsys)
     assert code == 0 and (tmp_path / "g.png").exists()
     out = capsys.readouterr().out
     assert f"--vae not given: decoding with the training run's VAE {tmp_path / 'my-vae'}" in out
+
+
+def test_an_older_demo_set_is_written_again_and_a_foreign_one_refused(tmp_path, capsys):
+    """A demo folder from before the 16 px demo (or of another size) is replaced by the
+    current one; a folder holding someone's own data set is never touched."""
+    import json
+
+    from repa_fast.data.demo import DATA_VERSION, make_demo_dataset
+    from repa_fast.data.shards import INDEX
+    from repa_fast.errors import UsageError
+    dest = tmp_path / "demo-data"
+    make_demo_dataset(str(dest), num_samples=24, size=32, shard_size=12)
+    index = json.loads((dest / INDEX).read_text())
+    del index["demo_version"]  # as the first demo wrote it
+    (dest / INDEX).write_text(json.dumps(index))
+    make_demo_dataset(str(dest), num_samples=24, size=16, shard_size=12)
+    assert "an older or other-sized demo set (version 1, 32 px): written again" in \
+        capsys.readouterr().out
+    index = json.loads((dest / INDEX).read_text())
+    assert (index["resolution"], index["demo_version"]) == (16, DATA_VERSION)
+    stamp = (dest / INDEX).stat().st_mtime_ns
+    make_demo_dataset(str(dest), num_samples=24, size=16, shard_size=12)  # reused as it is
+    assert (dest / INDEX).stat().st_mtime_ns == stamp
+    index["tool"], index["source_kind"] = "repa_fast prepare", "folder"
+    (dest / INDEX).write_text(json.dumps(index))
+    with pytest.raises(UsageError, match="not the built-in demo's"):
+        make_demo_dataset(str(dest), num_samples=24, size=32, shard_size=12)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        ["index.json", "shard-000000.json", "shard-000000.tar", "shard-000001.json",
+         "shard-000001.tar"])
