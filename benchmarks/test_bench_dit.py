@@ -80,7 +80,7 @@ from repa_fast.training.metrics import flops_per_image
 from repa_fast.training.step import TrainStep
 
 # training: name: (batch, latent size, channels)
-CASES = {"DiT-B/2": (64, 32, 4), "DiT-XL/2": (32, 32, 4)} if ON_GPU else {"DiT-T/4": (8, 16, 4)}
+CASES = {"DiT-B/2": (64, 32, 4), "DiT-XL/2": (32, 32, 4)} if ON_GPU else {"DiT-T/2": (8, 16, 4)}
 ENCODER_DEPTH = 8 if ON_GPU else 2
 PROJ_COEFF = 0.5
 EMA_DECAY = 0.9999

@@ -33,14 +33,16 @@ from repa_fast.training.metrics import flops_per_image
 from repa_fast.training.step import TrainStep
 from repa_fast.transport import SILoss
 
-CASES = {"SiT-B/2": (64, 32, 4), "SiT-XL/2": (32, 32, 4)} if ON_GPU else {"SiT-T/4": (8, 16, 4)}
+CASES = {"SiT-B/2": (64, 32, 4), "SiT-XL/2": (32, 32, 4)} if ON_GPU else {"SiT-T/2": (8, 16, 4)}
 if os.environ.get("REPA_BENCH_TRAIN_BATCH"):
     CASES = {k: (int(os.environ["REPA_BENCH_TRAIN_BATCH"]), *v[1:]) for k, v in CASES.items()}
 GRAD_CKPT = os.environ.get("REPA_BENCH_GRAD_CKPT") == "1"
 
 
 def make_encoder():
-    """DINOv2-B at 256 px on GPU; on the CPU the training demo's tiny encoder."""
+    """DINOv2-B at 256 px on GPU; on the CPU the training demo's tiny encoder (its 8×8 token
+    grid is the CPU case's: SiT-T/2 on 16×16 inputs; the official-style loss needs equal
+    grids)."""
     if ON_GPU:
         import warnings
 
