@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--knn", type=int, default=10, help="k of CKNNA's mutual nearest neighbours")
     g.add_argument("--outlier-quantile", type=float, default=0.95, help="clamp features at "
                    "this quantile of |x| before CKNNA, as the reference pipeline; 1: no clamp")
+    g.add_argument("--per-token", action=argparse.BooleanOptionalAction, default=True,
+                   help="also CKNNA per token (one token per sample against the encoder's "
+                   "token there); --no-per-token halves the host memory of the features")
     g.add_argument("--condition", choices=["null", "label"], default="null",
                    help="class input of the model: null (the CFG null class, so the probe "
                    "cannot read the label off the conditioning) or the true label")
@@ -105,7 +108,8 @@ def settings_from_args(args: argparse.Namespace):
         outlier_quantile=args.outlier_quantile, probe=args.probe,
         probe_train_fraction=args.probe_train_fraction, probe_steps=args.probe_steps,
         probe_lr=args.probe_lr, probe_weight_decay=args.probe_weight_decay,
-        condition=args.condition, batch_size=args.batch_size, device=args.device, seed=args.seed,
+        condition=args.condition, per_token=args.per_token, batch_size=args.batch_size,
+        device=args.device, seed=args.seed,
         model=args.model, num_classes=args.num_classes, encoder_depth=args.encoder_depth,
         path_type=args.path_type, progress=args.progress)
 

@@ -235,10 +235,11 @@ def test_two_runs_write_the_same_numbers(demo, record):
 
 def test_another_seed_chooses_other_samples(demo, record):
     code, out = analyze(demo, "seed", "--no-plot", "--no-probe", "--seed", "1", "--blocks",
-                        "1,8")
+                        "1,8", "--no-per-token")
     assert code == 0
     found = json.loads((out / "analysis.json").read_text())
     assert found["blocks"] == [1, 8] and found["probe"] is None
+    assert found["encoders"][0]["cknna_token"] is None and found["settings"]["per_token"] is False
     assert found["encoders"][0]["cknna"] != [[row[0], row[7]] for row in
                                              record[0]["encoders"][0]["cknna"]]
 

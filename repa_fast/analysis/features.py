@@ -184,7 +184,7 @@ def token_cosine(projected: torch.Tensor, target: torch.Tensor) -> Optional[torc
 @torch.no_grad()
 def extract(model: torch.nn.Module, spec, encoders: list, reader, times: Sequence[float],
             blocks: Sequence[int], batch_size: int, device: torch.device, seed: int,
-            condition: str = "null", progress=None) -> Features:
+            condition: str = "null", progress=None, per_token: bool = True) -> Features:
     """Run ``reader``'s samples (:class:`repa_fast.analysis.samples.SampleReader`) through
     the encoders once and the model once per time (module doc)."""
     check_model(spec, condition)
@@ -199,7 +199,8 @@ def extract(model: torch.nn.Module, spec, encoders: list, reader, times: Sequenc
     encoded: list = [torch.empty(n, enc.embed_dim) for enc in encoders]
     # per token: where each sample is read, as a fraction of the common grid (seeded)
     fractions = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1))
-    block_tokens = torch.empty(len(times), len(blocks), n, width) if encoders else None
+    block_tokens = torch.empty(len(times), len(blocks), n, width) if encoders and per_token \
+        else None  # as large as ``out``: per_token=False halves the host memory
     encoder_tokens = None
     hooks = BlockHooks(model, blocks)
     try:

@@ -35,6 +35,7 @@ class AnalysisSettings:
     probe_lr: float = 0.01
     probe_weight_decay: float = 1e-4
     condition: str = "null"
+    per_token: bool = True
     batch_size: int = 64
     device: str = "auto"
     seed: int = 0
@@ -175,7 +176,8 @@ def run_analysis(settings: AnalysisSettings) -> dict:
     encoders = build_encoders(enc_type, enc_weights, resolution, device)
     with _bar(n, "features", settings.progress) as bar:
         feats = extract(model, spec, encoders, reader, settings.times, blocks,
-                        settings.batch_size, device, settings.seed, settings.condition, bar)
+                        settings.batch_size, device, settings.seed, settings.condition, bar,
+                        settings.per_token)
     q, k = settings.outlier_quantile, settings.knn
     alignment = [cknna_table(feats.blocks, e, k, q, device) for e in feats.encoders]
     token_alignment = None if feats.block_tokens is None else \
