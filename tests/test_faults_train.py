@@ -269,7 +269,8 @@ def damaged_demo_data(out) -> tuple[str, str]:
     reads (seed 0); returns its shard and key."""
     from repa_fast.data import SampleTable, epoch_order
     from repa_fast.data.demo import make_demo_dataset
-    data = make_demo_dataset(str(out / "demo-data"), size=32)
+    from repa_fast.training.config import PRESETS
+    data = make_demo_dataset(str(out / "demo-data"), size=PRESETS["demo"]["resolution"])
     table = SampleTable(data)
     first = int(epoch_order(len(table), 0, 0, 0, 1, True)[0])
     shard, key = table.shards[int(table.shard[first])], table.key_text(first)
