@@ -84,6 +84,11 @@ def check(args: argparse.Namespace, extra: list) -> None:
         raise UsageError(f"--analysis-samples must be >= 16; got {args.analysis_samples}")
     if args.samples_per_class < 1:
         raise UsageError(f"--samples-per-class must be >= 1; got {args.samples_per_class}")
+    try:
+        import scipy  # noqa: F401  (the judge's Fréchet distance), checked before any training
+    except ImportError:
+        raise UsageError("compare needs scipy for the Fréchet distance: pip install "
+                         "'repa_fast[eval]'") from None
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} is a file; expected a folder")
 

@@ -35,6 +35,14 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, flags, named):
     assert not (tmp_path / "c").exists()  # refused before anything ran
 
 
+def test_without_scipy_it_stops_before_training(tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy raises ImportError
+    assert main(["--out", str(tmp_path / "c")]) == 2
+    assert "compare needs scipy" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 def test_out_must_be_a_folder(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["--out", str(tmp_path / "file")]) == 2
