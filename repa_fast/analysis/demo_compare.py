@@ -121,8 +121,8 @@ def evaluate_run(ckpt: str, data_dir: str, seed: int, per_class: int = SAMPLES_P
                        cknna_at_encoder_depth=[row[at] for row in cknna],
                        cknna_token_at_encoder_depth=None if token is None else
                        [row[at] for row in token],
-                       cknna_best=[max((v, b) for v, b in zip(row, analysis["blocks"])
-                                       if v is not None) for row in cknna],
+                       cknna_best=[(row[analysis["blocks"].index(b)], b) for row, b in
+                                   zip(cknna, analysis["summary"]["best_cknna_block"])],
                        projector_cosine=projection.get("cosine"),
                        probe_at_encoder_depth=None if probe is None else
                        [row[at] for row in probe["accuracy"]]),
